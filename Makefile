@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine: `make test` and `make demo` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test demo install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[data,convert,test]'
+	# Reference modules for VQ-GAN parity; its declared dependencies would replace the pinned torch.
+	$(PY) -m pip install -q --no-deps taming-transformers==0.0.1
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+demo: $(STAMP)
+	$(PY) -m llmcxr_jax.demo --out demo_out
+
+clean-venv:
+	rm -rf $(VENV)
