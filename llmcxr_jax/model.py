@@ -1,0 +1,350 @@
+"""GPT-NeoX in Flax NNX with the exact semantics of Hugging Face's PyTorch GPT-NeoX (see SPEC.md §1).
+
+Layers are stacked along a leading `layers` axis and applied with `jax.lax.scan`, so compile time stays flat
+for 32 layers and this one parameter layout serves conversion, training, stage-2 seeding and sampling.
+Every parameter carries `logical_axes` metadata; `llmcxr_jax.parallel` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmcxr_jax import parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+    """Map a config dtype string to a jnp dtype, with an error that lists the accepted names."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTNeoXConfig:
+    """HF GPT-NeoX fields (same names) plus runtime fields that never go into an HF `config.json`."""
+
+    vocab_size: int = 50280
+    hidden_size: int = 2560
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    intermediate_size: int = 10240
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10000.0
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Runtime fields.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+
+    HF_FIELDS = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "rotary_pct", "rotary_emb_base", "max_position_embeddings", "layer_norm_eps",
+        "use_parallel_residual", "tie_word_embeddings", "initializer_range",
+    )
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype)
+        resolve_dtype(self.param_dtype)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    def replace(self, **changes: Any) -> GPTNeoXConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config", **runtime: Any) -> GPTNeoXConfig:
+        """Read an HF config dict, in both the older (`rotary_pct`) and transformers 5 (`rope_parameters`) spellings."""
+        model_type = hf.get("model_type")
+        if model_type != "gpt_neox":
+            raise ValueError(f"{source}: model_type is {model_type!r}, but only 'gpt_neox' (GPT-NeoX) is supported")
+        act = hf.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported; GPT-NeoX/dolly use exact 'gelu'")
+        if not hf.get("attention_bias", True):
+            raise ValueError(f"{source}: attention_bias=false is not supported")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported, only 'default'")
+        fields = {k: hf[k] for k in cls.HF_FIELDS if k in hf}
+        fields["rotary_pct"] = rope.get("partial_rotary_factor", hf.get("rotary_pct", cls.rotary_pct))
+        fields["rotary_emb_base"] = rope.get("rope_theta", hf.get("rotary_emb_base", cls.rotary_emb_base))
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if k not in fields]
+        if missing:
+            raise ValueError(f"{source}: missing required fields {missing}")
+        return cls(**fields, **runtime)
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path, **runtime: Any) -> GPTNeoXConfig:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json; an HF model directory needs one") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, source=str(path), **runtime)
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF `config.json` dict that both transformers 4.x and 5.x read."""
+        hf = {k: getattr(self, k) for k in self.HF_FIELDS}
+        hf.update(
+            model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_act="gelu",
+            attention_bias=True, bos_token_id=0, eos_token_id=0, use_cache=True,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rotary_emb_base,
+                             "partial_rotary_factor": self.rotary_pct},
+        )
+        return hf
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values for decoding; all sequences of a batch write the same slot (left padding)."""
+
+    k: jax.Array  # (layers, batch, max_length, heads, head_dim)
+    v: jax.Array
+    valid: jax.Array  # (batch, max_length) bool: slot holds a real token
+    next_position: jax.Array  # (batch,) int32: rotary position of each sequence's next token
+    index: jax.Array  # () int32: next slot to write
+
+
+def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _const(value: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=axes)
+
+
+class LayerStack(nnx.Module):
+    """The transformer blocks' weights, stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs):
+        L, E, N, H, M = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim,
+                         cfg.intermediate_size)
+        std, dt = cfg.initializer_range, resolve_dtype(cfg.param_dtype)
+        self.ln1_scale = _const(1.0, (L, E), ("layers", "norm"), dt)
+        self.ln1_bias = _const(0.0, (L, E), ("layers", "norm"), dt)
+        self.ln2_scale = _const(1.0, (L, E), ("layers", "norm"), dt)
+        self.ln2_bias = _const(0.0, (L, E), ("layers", "norm"), dt)
+        # Fused QKV kept in HF's per-head interleaving: (embed, heads, [q|k|v], head_dim).
+        self.qkv_kernel = _param(rngs, std, (L, E, N, 3, H), ("layers", "embed", "heads", "qkv", "head_dim"), dt)
+        self.qkv_bias = _const(0.0, (L, N, 3, H), ("layers", "heads", "qkv", "head_dim"), dt)
+        self.out_kernel = _param(rngs, std, (L, N, H, E), ("layers", "heads", "head_dim", "embed"), dt)
+        self.out_bias = _const(0.0, (L, E), ("layers", "norm"), dt)
+        self.up_kernel = _param(rngs, std, (L, E, M), ("layers", "embed", "mlp"), dt)
+        self.up_bias = _const(0.0, (L, M), ("layers", "mlp"), dt)
+        self.down_kernel = _param(rngs, std, (L, M, E), ("layers", "mlp", "embed"), dt)
+        self.down_bias = _const(0.0, (L, E), ("layers", "norm"), dt)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm computed in fp32 whatever the activation dtype, as torch does on GPU."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rotary_tables(positions: jax.Array, rotary_dims: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of concat(θ, θ) in fp32, θ = position · base^(-2j/rotary_dims), shaped (batch, length, 1, dims)."""
+    inv_freq = base ** (-jnp.arange(0, rotary_dims, 2, dtype=jnp.float32) / rotary_dims)
+    theta = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([theta, theta], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """GPT-NeoX partial rotary: rotate_half on the first `dims` channels of each head, pass the rest through."""
+    dims = cos.shape[-1]
+    rot, rest = x[..., :dims].astype(jnp.float32), x[..., dims:]
+    half = dims // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([(rot * cos + rotated * sin).astype(x.dtype), rest], axis=-1)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """HF's rule for left-padded batches: positions count real tokens, padding gets position 1 (never attended)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask == 1, jnp.cumsum(mask, axis=-1) - 1, 1)
+
+
+def _attention(q, k, v, mask, impl):
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
+    """One GPT-NeoX layer. `kv` is None (no cache) or (k_cache, v_cache, write_index) for this layer."""
+    dt = resolve_dtype(cfg.dtype)
+    h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.layer_norm_eps)
+    qkv = jnp.einsum("bte,enkd->btnkd", h, p["qkv_kernel"].astype(dt)) + p["qkv_bias"].astype(dt)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv is not None:
+        k_cache, v_cache, index = kv
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        k, v = k_cache.astype(dt), v_cache.astype(dt)
+        kv = (k_cache, v_cache)
+    attn = _attention(q, k, v, mask, cfg.attention_impl)
+    attn = jnp.einsum("btnd,nde->bte", attn, p["out_kernel"].astype(dt)) + p["out_bias"].astype(dt)
+    if cfg.use_parallel_residual:
+        m_in = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
+    else:
+        x = x + attn
+        m_in = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
+    m = jnp.einsum("bte,em->btm", m_in, p["up_kernel"].astype(dt)) + p["up_bias"].astype(dt)
+    m = jax.nn.gelu(m, approximate=False)
+    m = jnp.einsum("btm,me->bte", m, p["down_kernel"].astype(dt)) + p["down_bias"].astype(dt)
+    out = x + attn + m if cfg.use_parallel_residual else x + m
+    return parallel.constrain(out, ("batch", "length", "embed")), kv
+
+
+class GPTNeoX(nnx.Module):
+    """GPT-NeoX causal LM. `model(input_ids)` → logits (batch, length, vocab_size), fp32."""
+
+    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dt, std = resolve_dtype(config.param_dtype), config.initializer_range
+        E, V = config.hidden_size, config.vocab_size
+        self.embed_in = _param(rngs, std, (V, E), ("vocab", "embed"), dt)
+        self.layers = LayerStack(config, rngs)
+        self.final_ln_scale = _const(1.0, (E,), ("norm",), dt)
+        self.final_ln_bias = _const(0.0, (E,), ("norm",), dt)
+        self.embed_out = None if config.tie_word_embeddings else _param(rngs, std, (E, V), ("embed", "vocab"), dt)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Full forward. Without `attention_mask` the mask is plain causal (right padding is harmless then)."""
+        if attention_mask is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            mask = None
+        else:
+            positions = positions_from_mask(attention_mask)
+            valid = attention_mask.astype(bool)
+            causal = jnp.tril(jnp.ones((input_ids.shape[1],) * 2, bool))
+            mask = (causal[None] & valid[:, None, :])[:, None]
+        return self.logits(self.hidden_states(input_ids, positions, mask))
+
+    def hidden_states(self, input_ids, positions, mask, cache: KVCache | None = None):
+        """Final-LayerNorm'd hidden states (and the updated cache layers when `cache` is given)."""
+        cfg = self.config
+        x = jnp.take(self.embed_in[...], input_ids, axis=0).astype(resolve_dtype(cfg.dtype))
+        x = parallel.constrain(x, ("batch", "length", "embed"))
+        cos, sin = rotary_tables(positions, cfg.rotary_dims, cfg.rotary_emb_base)
+        layers = self.layers.arrays()
+
+        if cache is None:
+            def step(h, p):
+                return _block(cfg, h, p, cos, sin, mask, None)[0], None
+            policy = REMAT_POLICIES[cfg.remat_policy]
+            if policy is not None:
+                step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+            x, new_kv = jax.lax.scan(step, x, layers)[0], None
+        else:
+            def step(h, inputs):
+                p, k_c, v_c = inputs
+                return _block(cfg, h, p, cos, sin, mask, (k_c, v_c, cache.index))
+            x, new_kv = jax.lax.scan(step, x, (layers, cache.k, cache.v))
+        h = layer_norm(x, self.final_ln_scale[...], self.final_ln_bias[...], cfg.layer_norm_eps)
+        return h if cache is None else (h, new_kv)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """LM head in fp32 accumulation: untied `embed_out`, or `embed_in`ᵀ when tied."""
+        w = self.embed_in[...].T if self.embed_out is None else self.embed_out[...]
+        return jnp.einsum("bte,ev->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_attention_heads, cfg.head_dim)
+        dt = resolve_dtype(dtype or cfg.dtype)
+        return KVCache(
+            k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch_size, max_length), bool),
+            next_position=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
+        )
+
+    def extend(self, input_ids: jax.Array, cache: KVCache, token_valid: jax.Array | None = None):
+        """Append tokens (prefill or one decode step) to the cache; returns (logits, cache).
+
+        `token_valid` (batch, length) marks real tokens (False for left padding); padded slots are never attended.
+        """
+        B, T = input_ids.shape
+        token_valid = jnp.ones((B, T), bool) if token_valid is None else token_valid.astype(bool)
+        positions = cache.next_position[:, None] + jnp.cumsum(token_valid, axis=1) - 1
+        positions = jnp.where(token_valid, positions, 1)
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+        S = cache.k.shape[2]
+        slots = jnp.arange(S)
+        query_slots = cache.index + jnp.arange(T)
+        mask = (slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
+        h, (k, v) = self.hidden_states(input_ids, positions, mask[:, None], cache)
+        new_cache = KVCache(
+            k=k, v=v, valid=valid, next_position=cache.next_position + token_valid.sum(1).astype(jnp.int32),
+            index=cache.index + T,
+        )
+        return self.logits(h), new_cache
+
+
+def extend_vocab(model: GPTNeoX, new_vocab_size: int, rngs: nnx.Rngs) -> GPTNeoX:
+    """LLM-CXR's `resize_token_embeddings`: old rows kept, new rows of embed_in and embed_out drawn N(0, std)."""
+    cfg = model.config
+    if new_vocab_size < cfg.vocab_size:
+        raise ValueError(f"new vocabulary size {new_vocab_size} is smaller than the model's {cfg.vocab_size}")
+    new_rows = new_vocab_size - cfg.vocab_size
+    std = cfg.initializer_range
+    old_in = model.embed_in[...]
+    grown_in = jnp.concatenate(
+        [old_in, std * jax.random.normal(rngs.params(), (new_rows, cfg.hidden_size), old_in.dtype)], axis=0)
+    model.embed_in = nnx.Param(grown_in, logical_axes=("vocab", "embed"))
+    if model.embed_out is not None:
+        old_out = model.embed_out[...]
+        grown_out = jnp.concatenate(
+            [old_out, std * jax.random.normal(rngs.params(), (cfg.hidden_size, new_rows), old_out.dtype)], axis=1)
+        model.embed_out = nnx.Param(grown_out, logical_axes=("embed", "vocab"))
+    model.config = cfg.replace(vocab_size=new_vocab_size)
+    return model
+
+
+def count_params(model_or_state: Any) -> int:
+    """Number of parameters (works on abstract models from `nnx.eval_shape`)."""
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return sum(int(x.size) for x in jax.tree.leaves(state))

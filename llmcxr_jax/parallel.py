@@ -1,0 +1,140 @@
+"""Mesh and logical-axis rules: sharding is data, so one model runs on 1 CPU, 8 fake CPUs, 8 GPUs or a pod.
+
+Parameters carry logical axis names (`logical_axes` metadata); `DEFAULT_RULES` maps them to the mesh axes
+`(data, fsdp, tensor)`. `embed → fsdp` shards every large weight over the fsdp axis (ZeRO-3); a mesh axis that
+does not divide a dimension is dropped for that dimension rather than failing, as big_vision's fsdp rule does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+_ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("llmcxr_rules", default=DEFAULT_RULES)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices. Axes are `Auto` (GSPMD propagation)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not fit {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} are available")
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for one array. Unknown names are an error; mesh axes of size 1, reused or not dividing are dropped."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        target = table[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for ax in axes:
+            size = mesh.shape[ax]
+            if ax in used or size == 1:
+                continue
+            if shape is not None and shape[dim] % (size * math.prod(mesh.shape[a] for a in kept)):
+                continue
+            kept.append(ax)
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (tuple(kept) if kept else None))
+    return PartitionSpec(*spec)
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for an nnx State (concrete or abstract), from each Variable's `logical_axes`."""
+
+    def one(var: nnx.Variable) -> Any:
+        value = var.get_value()
+        axes = var.get_metadata().get("logical_axes")
+        spec = PartitionSpec() if axes is None else logical_to_spec(axes, value.shape, mesh, rules)
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Place every array of `model` on `mesh` according to the rules (in place, returns the model)."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh, rules)
+    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    nnx.update(model, state)
+    return model
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """Make `rules` the ones `constrain` uses for activations inside this block."""
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation from logical names; a no-op when no mesh is set (one device, tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, _ACTIVE_RULES.get())
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Largest number of bytes any single device holds for the arrays of `tree` (from their shardings)."""
+    totals: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
+    return max(totals.values(), default=0)
+
+
+def total_bytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -1,0 +1,185 @@
+"""HF ↔ ours conversion: every file layout HF checkpoints come in, round trips, and clear errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_reference import hf_logits, save_hf, tiny_hf_model
+from llmcxr_jax import checkpoint, convert, parallel
+from llmcxr_jax.convert import ConversionError, load_hf_model, save_hf_model
+
+IDS = np.random.default_rng(0).integers(0, 96, (2, 13))
+
+
+def _assert_same_logits(ours, hf):
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(IDS))), hf_logits(hf, IDS), atol=1e-4, rtol=0)
+
+
+def _write_old_style_bin(hf, directory, shards: int = 1):
+    """What transformers 4.28 wrote for dolly: pytorch_model.bin (+ index), registered buffers, rotary_pct config."""
+    directory.mkdir()
+    state = dict(hf.state_dict())
+    if "lm_head.weight" in state:  # transformers 5's module name; checkpoints on disk say embed_out
+        state["embed_out.weight"] = state.pop("lm_head.weight")
+    for i in range(hf.config.num_hidden_layers):
+        state[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(4)
+        state[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+        state[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+    names = sorted(state)
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+    else:
+        weight_map = {}
+        for k in range(shards):
+            fname = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+            part = {n: state[n] for n in names[k::shards]}
+            torch.save(part, directory / fname)
+            weight_map.update({n: fname for n in part})
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = hf.config.to_dict()
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_through_transformers(tmp_path, tied):
+    hf = tiny_hf_model(seed=1, tie_word_embeddings=tied)
+    ours = load_hf_model(save_hf(hf, tmp_path / "in"))
+    save_hf_model(ours, tmp_path / "out")
+    reloaded = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval()
+    _assert_same_logits(ours, reloaded)
+    for a, b in zip(hf.state_dict().values(), reloaded.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_our_sharded_safetensors_load_in_transformers(tmp_path):
+    hf = tiny_hf_model(seed=2)
+    ours = load_hf_model(save_hf(hf, tmp_path / "in"))
+    save_hf_model(ours, tmp_path / "out", max_shard_bytes=20_000)
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    _assert_same_logits(ours, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval())
+
+
+@pytest.mark.parametrize("layout", ["bin", "sharded_bin", "sharded_safetensors"])
+def test_checkpoint_layouts_load(tmp_path, layout):
+    hf = tiny_hf_model(seed=3)
+    if layout == "bin":
+        path = _write_old_style_bin(hf, tmp_path / "hf")
+    elif layout == "sharded_bin":
+        path = _write_old_style_bin(hf, tmp_path / "hf", shards=3)
+    else:
+        path = save_hf(hf, tmp_path / "hf", max_shard_size="20KB")
+        assert (path / "model.safetensors.index.json").exists()
+    _assert_same_logits(load_hf_model(path), hf)
+
+
+def test_bfloat16_checkpoint_loads(tmp_path):
+    hf = tiny_hf_model(seed=4)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf", dtype="bfloat16")
+    np.testing.assert_array_equal(np.asarray(ours.embed_in[...].astype(jnp.float32)),
+                                  hf.gpt_neox.embed_in.weight.detach().float().numpy())
+
+
+def test_load_directly_onto_a_mesh(tmp_path):
+    hf = tiny_hf_model(seed=5)
+    mesh = parallel.make_mesh((1, 8, 1))
+    ours = load_hf_model(save_hf(hf, tmp_path / "hf"), mesh=mesh)
+    assert ours.layers.qkv_kernel[...].sharding.spec[:2] == (None, "fsdp")
+    _assert_same_logits(ours, hf)
+
+
+def test_cli_hf_to_orbax_and_back(tmp_path):
+    hf = tiny_hf_model(seed=6)
+    save_hf(hf, tmp_path / "hf")
+    convert.main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "ckpt")])
+    restored = checkpoint.load_model(tmp_path / "ckpt")
+    _assert_same_logits(restored, hf)
+    convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")])
+    _assert_same_logits(restored, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf2").eval())
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_missing_config_json(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match=r"empty/config.json: no config.json"):
+        load_hf_model(tmp_path / "empty")
+
+
+def test_not_gpt_neox(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: model_type is 'llama'.*GPT-NeoX"):
+        load_hf_model(path)
+
+
+def test_wrong_tensor_shape_names_both_shapes(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=r"model.safetensors: tensor 'gpt_neox.layers.0.mlp.dense_h_to_4h.weight' "
+                                              r"has shape \(80, 32\), but config.json implies \(64, 32\)"):
+        load_hf_model(path)
+
+
+def test_truncated_safetensors(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match=r"model.safetensors: file is truncated"):
+        load_hf_model(path)
+
+
+def test_truncated_bin(tmp_path):
+    path = _write_old_style_bin(tiny_hf_model(), tmp_path / "hf")
+    data = (path / "pytorch_model.bin").read_bytes()
+    (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match=r"pytorch_model.bin: cannot read PyTorch weights"):
+        load_hf_model(path)
+
+
+def test_missing_tensor(tmp_path):
+    hf = tiny_hf_model()
+    path = _write_old_style_bin(hf, tmp_path / "hf")
+    state = torch.load(path / "pytorch_model.bin", weights_only=True)
+    del state["gpt_neox.layers.1.attention.dense.bias"]
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"1 tensors missing.*layers.1.attention.dense.bias"):
+        load_hf_model(path)
+
+
+def test_unknown_dtype(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; expected one of"):
+        load_hf_model(path, dtype="fp8")
+
+
+def test_no_weights(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ConversionError, match=r"no weights found"):
+        load_hf_model(path)
+
+
+def test_checkpoint_with_other_config_is_refused(tmp_path):
+    hf = tiny_hf_model()
+    convert.main(["hf-to-orbax", str(save_hf(hf, tmp_path / "hf")), str(tmp_path / "ckpt")])
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    meta["model_config"]["hidden_size"] = 64
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"params: parameters do not match the model config"):
+        checkpoint.load_model(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / "params")

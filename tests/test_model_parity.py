@@ -1,0 +1,152 @@
+"""GPT-NeoX in Flax against Hugging Face's PyTorch GPT-NeoX on tiny random models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hf_reference import hf_logits, save_hf, tiny_hf_model
+from llmcxr_jax import parallel
+from llmcxr_jax.convert import load_hf_model
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, extend_vocab
+
+VARIANTS = {
+    "parallel_rot25_untied_h4": dict(use_parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=False),
+    "sequential_rot100_tied_h3": dict(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True,
+                                      hidden_size=48, num_attention_heads=3),
+    "parallel_rot50_untied_h5": dict(use_parallel_residual=True, rotary_pct=0.5, hidden_size=40,
+                                     num_attention_heads=5),
+}
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(tmp_path, variant):
+    hf = tiny_hf_model(**VARIANTS[variant])
+    ours = load_hf_model(save_hf(hf, tmp_path / "hf"))
+    ids = _ids(2, 17, hf.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def _greedy(model: GPTNeoX, prompt: np.ndarray, steps: int) -> np.ndarray:
+    cache = model.init_cache(prompt.shape[0], prompt.shape[1] + steps)
+    extend = nnx.jit(lambda m, ids, c: m.extend(ids, c))
+    logits, cache = extend(model, jnp.asarray(prompt), cache)
+    out = []
+    for _ in range(steps):
+        token = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+        out.append(np.asarray(token))
+        logits, cache = extend(model, token, cache)
+    return np.concatenate(out, axis=1)
+
+
+def test_greedy_continuation_equals_transformers_generate(tmp_path):
+    hf = tiny_hf_model(seed=3)
+    ours = load_hf_model(save_hf(hf, tmp_path / "hf"))
+    prompt = _ids(1, 9, hf.config.vocab_size, seed=5)
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=0).numpy()[:, prompt.shape[1]:]
+    np.testing.assert_array_equal(_greedy(ours, prompt, 32), ref)
+
+
+def test_kv_cache_decoding_equals_full_forward_left_padded():
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64)
+    model = GPTNeoX(cfg, rngs=nnx.Rngs(1))
+    seqs = [_ids(1, 11, 64, seed=1)[0], _ids(1, 6, 64, seed=2)[0]]
+    width = max(len(s) for s in seqs)
+    prompt = np.zeros((2, width), np.int64)
+    valid = np.zeros((2, width), bool)
+    for b, s in enumerate(seqs):
+        prompt[b, width - len(s):], valid[b, width - len(s):] = s, True
+    decode = _ids(2, 4, 64, seed=3)
+    cache = model.init_cache(2, width + decode.shape[1])
+    logits, cache = model.extend(jnp.asarray(prompt), cache, jnp.asarray(valid))
+    steps = [logits[:, -1]]
+    for t in range(decode.shape[1]):
+        logits, cache = model.extend(jnp.asarray(decode[:, t:t + 1]), cache)
+        steps.append(logits[:, -1])
+    for b, s in enumerate(seqs):
+        full = np.asarray(model(jnp.asarray(np.concatenate([s, decode[b]])[None])))[0]
+        expected = full[len(s) - 1:]
+        got = np.stack([np.asarray(x[b]) for x in steps])
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # The full forward with an explicit mask gives the same prefill logits on the left-padded batch.
+    masked = np.asarray(model(jnp.asarray(prompt), attention_mask=jnp.asarray(valid)))
+    for b, s in enumerate(seqs):
+        alone = np.asarray(model(jnp.asarray(s[None])))[0]
+        np.testing.assert_allclose(masked[b, width - len(s):], alone, atol=1e-5, rtol=0)
+
+
+def test_bf16_forward_close_to_fp32(tmp_path):
+    hf = tiny_hf_model(seed=4)
+    path = save_hf(hf, tmp_path / "hf")
+    ids = jnp.asarray(_ids(2, 16, hf.config.vocab_size))
+    fp32 = np.asarray(load_hf_model(path)(ids))
+    bf16 = np.asarray(load_hf_model(path, dtype="bfloat16")(ids))
+    assert load_hf_model(path, dtype="bfloat16").layers.qkv_kernel[...].dtype == jnp.bfloat16
+    scale = np.abs(fp32).max()
+    assert np.abs(bf16 - fp32).max() < 0.05 * scale
+    assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() > 0.9
+
+
+def test_sharded_forward_equals_unsharded():
+    assert jax.device_count() == 8
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64)
+    model = GPTNeoX(cfg, rngs=nnx.Rngs(2))
+    ids = jnp.asarray(_ids(8, 12, 64))
+    expected = np.asarray(model(ids))
+    mesh = parallel.make_mesh((1, 8, 1))
+    with jax.set_mesh(mesh):
+        parallel.shard_model(model, mesh)
+        assert model.layers.up_kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+        batch = jax.device_put(ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+        got = nnx.jit(lambda m, x: m(x))(model, batch)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
+
+
+def test_vocab_extension_matches_resize_token_embeddings(tmp_path):
+    hf = tiny_hf_model(seed=6)
+    ours = load_hf_model(save_hf(hf, tmp_path / "hf"))
+    old_vocab = hf.config.vocab_size
+    hf.resize_token_embeddings(old_vocab + 25, mean_resizing=False)
+    extend_vocab(ours, old_vocab + 25, nnx.Rngs(0))
+    hf_in = hf.gpt_neox.embed_in.weight.detach().numpy()
+    hf_out = hf.get_output_embeddings().weight.detach().numpy()
+    assert ours.embed_in[...].shape == hf_in.shape and ours.embed_out[...].T.shape == hf_out.shape
+    np.testing.assert_array_equal(np.asarray(ours.embed_in[...])[:old_vocab], hf_in[:old_vocab])
+    np.testing.assert_array_equal(np.asarray(ours.embed_out[...]).T[:old_vocab], hf_out[:old_vocab])
+    new_rows = np.asarray(ours.embed_in[...])[old_vocab:]
+    assert 0.01 < new_rows.std() < 0.03 and abs(new_rows.mean()) < 0.01
+    assert ours.config.vocab_size == old_vocab + 25
+    ids = jnp.asarray(_ids(1, 8, old_vocab, seed=9))  # new rows are random on both sides
+    np.testing.assert_allclose(np.asarray(ours(ids))[..., :old_vocab], hf_logits(hf, np.asarray(ids))[..., :old_vocab],
+                               atol=1e-4, rtol=0)
+
+
+def test_dolly_v2_3b_parameter_count_matches_transformers():
+    from transformers import GPTNeoXConfig as HFConfig, GPTNeoXForCausalLM
+
+    dolly = dict(vocab_size=50280, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                 intermediate_size=10240, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+    with torch.device("meta"):
+        hf = GPTNeoXForCausalLM(HFConfig(**dolly))
+        hf_before = sum(p.numel() for p in hf.parameters())
+        hf.resize_token_embeddings(51305, mean_resizing=False)
+        hf_after = sum(p.numel() for p in hf.parameters())
+    cfg = GPTNeoXConfig(**{k: v for k, v in dolly.items()})
+
+    def count(c):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: GPTNeoX(c, rngs=nnx.Rngs(0))),
+                                                                nnx.Param)))
+
+    assert count(cfg) == hf_before
+    assert count(cfg.replace(vocab_size=51305)) == hf_after
+    assert 2.77e9 < hf_after < 2.79e9
