@@ -74,29 +74,94 @@ def save_model(model: GPTNeoX, directory: str | Path, extra_metadata: dict[str, 
 
 def load_model(directory: str | Path, *, mesh: jax.sharding.Mesh | None = None,
                rules: parallel.Rules = parallel.DEFAULT_RULES, **runtime: Any) -> GPTNeoX:
-    """Restore a model checkpoint; `runtime` overrides config fields such as dtype or attention_impl."""
+    """Restore a model checkpoint or the latest step of a training workdir (parameters only).
+
+    `runtime` overrides config fields such as dtype or attention_impl.
+    """
     directory = Path(directory).absolute()
+    if (directory / "checkpoints").is_dir():
+        return _load_from_workdir(directory, mesh=mesh, rules=rules, **runtime)
     cfg = config_from_metadata(read_metadata(directory), str(directory / "meta.json"), **runtime)
-    return restore_params_into(cfg, directory / "params", mesh=mesh, rules=rules)
-
-
-def restore_params_into(cfg: GPTNeoXConfig, params_dir: Path, *, mesh: jax.sharding.Mesh | None = None,
-                        rules: parallel.Rules = parallel.DEFAULT_RULES) -> GPTNeoX:
-    """Build the model abstractly and fill it from an Orbax parameter tree, placed by `mesh` when given."""
-    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              nnx.to_pure_dict(state))
-    else:
-        shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules))
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              nnx.to_pure_dict(state), shardings)
+    graphdef, state, target = _abstract_params(cfg, mesh, rules)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            params = ckptr.restore(params_dir, target)
+            params = ckptr.restore(directory / "params", target)
         except (ValueError, KeyError) as e:
-            raise ValueError(f"{params_dir}: parameters do not match the model config in meta.json ({e})") from None
+            raise ValueError(f"{directory / 'params'}: parameters do not match the model config in meta.json "
+                             f"({e})") from None
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _abstract_params(cfg: GPTNeoXConfig, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
+    """(graphdef, abstract state, restore target with shardings) for a model config; nothing is allocated."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(state)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, pure)
+    else:
+        shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules))
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
+    return graphdef, state, target
+
+
+def _load_from_workdir(workdir: Path, *, mesh, rules, step: int | None = None, **runtime: Any) -> GPTNeoX:
+    ckpts = TrainCheckpoints(workdir, every=0, keep=1, async_save=False)
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no finished checkpoint to load")
+    meta = ckpts.read_meta(step)
+    cfg = config_from_metadata(meta, f"{workdir} step {step} meta", **runtime)
+    graphdef, state, target = _abstract_params(cfg, mesh, rules)
+    params = ckpts.restore_subtree(step, {"model": target})["model"]
+    ckpts.close()
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+class TrainCheckpoints:
+    """Training checkpoints under `workdir/checkpoints/<step>/` with items `state`, `data` (iterator) and `meta`.
+
+    Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames), so a run killed at
+    any moment resumes from the last complete step.
+    """
+
+    def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                                  meta=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return restored.state, restored.data, restored.meta
+
+    def restore_subtree(self, step: int, target: Any) -> Any:
+        """Restore only the part of `state` that `target` names (e.g. the model without optimizer moments)."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

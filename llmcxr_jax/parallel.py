@@ -138,3 +138,47 @@ def per_device_bytes(tree: Any) -> int:
 
 def total_bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+_CLUSTER_ENV = {"TPU": "TPU_WORKER_HOSTNAMES", "SLURM": "SLURM_JOB_ID", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
+
+
+def detect_cluster() -> str | None:
+    """Which launcher started this process (as jax's own cluster detection would see it), if any."""
+    import os
+
+    if os.environ.get("SLURM_NTASKS", "1") != "1" and "SLURM_JOB_ID" in os.environ:
+        return "SLURM"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return "TPU"
+    return None
+
+
+def initialize(cfg: Any) -> None:
+    """Multi-host start-up: explicit settings, else the launcher's environment (TPU, SLURM, Open MPI), else nothing.
+
+    `cfg` has coordinator_address, num_processes, process_id, local_device_ids ("0,1,…" or ""), timeout_s.
+    On CPU, cross-process collectives go through gloo (the local multi-process launcher uses this).
+    """
+    explicit = bool(cfg.coordinator_address)
+    cluster = None if explicit else detect_cluster()
+    if not explicit and cluster is None:
+        return
+    if jax.config.jax_platforms in ("cpu",) or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.timeout_s)}
+    if explicit:
+        kwargs.update(coordinator_address=cfg.coordinator_address, num_processes=int(cfg.num_processes),
+                      process_id=int(cfg.process_id))
+    if cfg.local_device_ids:
+        kwargs["local_device_ids"] = [int(i) for i in str(cfg.local_device_ids).split(",")]
+    where = cfg.coordinator_address if explicit else f"the {cluster} environment"
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # jax raises XlaRuntimeError (DEADLINE_EXCEEDED etc.) when peers do not arrive
+        raise RuntimeError(
+            f"multi-host start-up failed ({where}, timeout {cfg.timeout_s}s): {e}. Check that every process was "
+            "started with the same coordinator address and process count, that process ids are unique, and that "
+            "the coordinator port is reachable.") from e

@@ -1,0 +1,227 @@
+"""The language-model training task: state, loss normalisation, the pure train/eval step and its metrics.
+
+Batches are `{"input_ids": int32 (B, L), "loss_weights": float32 (B, L)}` with weight[t] = 1 where token t is a
+supervised target (response, `\\n\\n`, `### End`; SPEC §8). Position t's logits predict token t+1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig
+
+LOSS_MODES = ("global", "original")
+BATCH_AXES = {"input_ids": ("batch", "length"), "loss_weights": ("batch", "length")}
+
+
+class LMTrainState(nnx.Module):
+    """Everything a step changes: the model and its AdamW state (moments carry the params' logical axes)."""
+
+    def __init__(self, model: GPTNeoX, tx: optax.GradientTransformation):
+        self.model = model
+        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def sequence_scales(loss_weights: jax.Array, mode: str, group_size: int) -> jax.Array:
+    """Per-sequence factors s_b with loss = Σ_b s_b · (summed token loss of b); independent of mesh and micro-batching.
+
+    `global`: 1 / (weighted tokens in the whole batch). `original`: LLM-CXR's mean of per-micro-batch means over
+    consecutive groups of `group_size` sequences (2 per device × 8 ranks in the original run).
+    """
+    counts = loss_weights[:, 1:].sum(axis=1)
+    if mode == "global":
+        return jnp.full(counts.shape, 1.0, jnp.float32) / jnp.maximum(counts.sum(), 1.0)
+    if mode == "original":
+        groups = counts.reshape(-1, group_size)
+        per_group = jnp.maximum(groups.sum(axis=1, keepdims=True), 1.0)
+        return (1.0 / (per_group * groups.shape[0]) * jnp.ones_like(groups)).reshape(-1)
+    raise ValueError(f"train.loss_mode {mode!r} is unknown; expected one of {LOSS_MODES}")
+
+
+def token_statistics(logits: jax.Array, input_ids: jax.Array, loss_weights: jax.Array,
+                     image_offset: int) -> dict[str, jax.Array]:
+    """Per-sequence summed loss and per-batch accuracy counts, split into text and image targets."""
+    targets, weights = input_ids[:, 1:], loss_weights[:, 1:].astype(jnp.float32)
+    logits = logits[:, :-1].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
+    is_image = (targets >= image_offset).astype(jnp.float32)
+    return {
+        "seq_loss": (ce * weights).sum(axis=1),
+        "tokens": weights.sum(),
+        "text_correct": (correct * (1 - is_image)).sum(),
+        "text_tokens": (weights * (1 - is_image)).sum(),
+        "image_correct": (correct * is_image).sum(),
+        "image_tokens": (weights * is_image).sum(),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class LMStepConfig:
+    loss_mode: str = "global"
+    loss_group_size: int = 2
+    micro_batches: int = 1
+    image_offset: int = 50281
+
+
+def _split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) → (k, B/k, ...), interleaved (micro-batch i = rows i::k) so each keeps the batch sharding."""
+    if x.shape[0] % k:
+        raise ValueError(f"global batch {x.shape[0]} is not divisible by train.micro_batches={k}")
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig,
+               schedule: optax.Schedule) -> dict[str, jax.Array]:
+    """One optimizer update over `cfg.micro_batches` accumulated micro-batches; mutates `state`, returns metrics."""
+    scales = sequence_scales(batch["loss_weights"], cfg.loss_mode, cfg.loss_group_size)
+    graphdef, params, rest = nnx.split(state.model, nnx.Param, ...)
+
+    def loss_fn(p, ids, weights, s):
+        model = nnx.merge(graphdef, p, rest)
+        stats = token_statistics(model(ids), ids, weights, cfg.image_offset)
+        return (stats.pop("seq_loss") * s).sum(), stats
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.micro_batches == 1:
+        (loss, stats), grads = grad_fn(params, batch["input_ids"], batch["loss_weights"], scales)
+    else:
+        k = cfg.micro_batches
+        xs = tuple(_split_micro_batches(x, k) for x in (batch["input_ids"], batch["loss_weights"], scales))
+
+        def accumulate(carry, mb):
+            (loss_mb, stats_mb), grads_mb = grad_fn(params, *mb)
+            return jax.tree.map(jnp.add, carry, (loss_mb, stats_mb, grads_mb)), None
+
+        zero_stats = {k_: jnp.zeros((), jnp.float32) for k_ in
+                      ("tokens", "text_correct", "text_tokens", "image_correct", "image_tokens")}
+        zeros = (jnp.zeros((), jnp.float32), zero_stats, jax.tree.map(jnp.zeros_like, params))
+        (loss, stats, grads), _ = jax.lax.scan(accumulate, zeros, xs)
+    lr = schedule(state.optimizer.step[...])
+    state.optimizer.update(state.model, grads)
+    return {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr, **stats}
+
+
+def eval_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig) -> dict[str, jax.Array]:
+    """Sums over the batch (so evaluation over many batches is a plain sum); rows with zero weight count nothing."""
+    stats = token_statistics(state.model(batch["input_ids"]), batch["input_ids"], batch["loss_weights"],
+                             cfg.image_offset)
+    return {"loss_sum": stats.pop("seq_loss").sum(), **stats}
+
+
+def summarize(sums: dict[str, Any]) -> dict[str, float]:
+    """Host-side ratios from summed statistics (accuracies are NaN-free: 0 when a kind of target is absent)."""
+    out = {k: float(v) for k, v in sums.items() if k in ("loss", "grad_norm", "lr")}
+    if "loss_sum" in sums:
+        out["loss"] = float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)
+    for kind in ("text", "image"):
+        out[f"{kind}_accuracy"] = float(sums[f"{kind}_correct"]) / max(float(sums[f"{kind}_tokens"]), 1.0)
+    out["tokens"] = float(sums["tokens"])
+    return out
+
+
+def flops_per_token(cfg: GPTNeoXConfig, seq_len: int) -> float:
+    """Training FLOPs per token as BENCHMARKS.md counts them: 6·N + 12·L·d·S, N = non-embedding weights + LM head."""
+    E, L, M = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    per_layer = 4 * E * E + 2 * E * M  # qkv (3E²) + dense (E²) + two MLP matrices
+    n = L * per_layer + E * cfg.vocab_size
+    return 6.0 * n + 12.0 * L * E * seq_len
+
+
+def model_config_from(config: Any) -> GPTNeoXConfig:
+    """`config.model` (a ConfigDict of GPTNeoXConfig fields) → GPTNeoXConfig, naming unknown fields."""
+    fields = dict(config.model)
+    known = {f.name for f in dataclasses.fields(GPTNeoXConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
+    return GPTNeoXConfig(**fields)
+
+
+def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps: int,
+               metadata: dict[str, Any]) -> Any:
+    """The LM as a task of the generic loop: fresh, from an HF directory (stage 1) or a stage-1 workdir (stage 2)."""
+    from llmcxr_jax import checkpoint, convert, optim, trainer
+    from llmcxr_jax.model import extend_vocab
+
+    model_cfg = model_config_from(config)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    step_cfg = LMStepConfig(loss_mode=config.train.loss_mode, loss_group_size=config.train.loss_group_size,
+                            micro_batches=config.train.micro_batches, image_offset=metadata["image_offset"])
+    metadata = {**metadata, "model_config": dataclasses.asdict(model_cfg)}
+
+    def create_state() -> LMTrainState:
+        return LMTrainState(GPTNeoX(model_cfg, rngs=nnx.Rngs(config.seed)), tx)
+
+    def from_model(model: GPTNeoX, shardings: Any) -> Any:
+        graphdef, params = nnx.split(model)
+        build = lambda p: nnx.state(LMTrainState(nnx.merge(graphdef, p), tx))  # noqa: E731
+        return jax.jit(build, out_shardings=shardings)(params)
+
+    initial_state = None
+    runtime = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl", "remat_policy")}
+    if config.init.hf_dir:
+        def initial_state(shardings):
+            model = convert.load_hf_model(config.init.hf_dir, mesh=mesh, rules=rules, **runtime)
+            if model.config.vocab_size < model_cfg.vocab_size:
+                model = extend_vocab(model, model_cfg.vocab_size, nnx.Rngs(config.seed))
+            _require_same_model(model.config, model_cfg, config.init.hf_dir)
+            return from_model(model, shardings)
+    elif config.init.workdir:
+        def initial_state(shardings):
+            source = checkpoint.TrainCheckpoints(config.init.workdir, every=0, keep=1, async_save=False)
+            step = source.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"init.workdir {config.init.workdir}: no finished checkpoint to start from")
+            check_compatible(source.read_meta(step), metadata, f"init.workdir {config.init.workdir} (step {step})")
+            source.close()
+            model = checkpoint.load_model(config.init.workdir, mesh=mesh, rules=rules, **runtime)
+            return from_model(model, shardings)
+
+    def throughput(window: dict[str, float], seconds: float) -> dict[str, float]:
+        tokens_per_s = window["tokens_total"] / max(seconds, 1e-9)
+        out = {"tokens_per_s": tokens_per_s}
+        peak = config.train.peak_flops_per_device
+        if peak:
+            flops = flops_per_token(model_cfg, int(window["seq_len"] / max(window["steps"], 1)))
+            out["mfu"] = tokens_per_s * flops / (peak * jax.device_count())
+        return out
+
+    def step(state: LMTrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        metrics = train_step(state, batch, step_cfg, schedule)
+        ids = batch["input_ids"]
+        return {**metrics, "tokens_total": jnp.asarray(ids.size, jnp.float32),
+                "seq_len": jnp.asarray(ids.shape[1], jnp.float32), "steps": jnp.ones((), jnp.float32)}
+
+    return trainer.Task(
+        name="lm", create_state=create_state, train_step=step, batch_axes=BATCH_AXES, summarize=summarize,
+        eval_step=lambda s, b: eval_step(s, b, step_cfg), initial_state=initial_state, throughput=throughput,
+        metadata=metadata, check_restored_metadata=lambda m: check_compatible(m, metadata, "the checkpoint"),
+    )
+
+
+COMPATIBILITY_KEYS = ("token_layout", "vqgan_fingerprint", "vqgan_grid")
+
+
+def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: str) -> None:
+    """Refuse weights trained with another vocabulary, token layout or VQ-GAN, naming what differs."""
+    found_vocab = found.get("model_config", {}).get("vocab_size")
+    want_vocab = expected["model_config"]["vocab_size"]
+    if found_vocab != want_vocab:
+        raise ValueError(f"{source}: vocabulary size {found_vocab} differs from this run's {want_vocab}")
+    for key in COMPATIBILITY_KEYS:
+        if key in expected and found.get(key) != expected[key]:
+            raise ValueError(f"{source}: {key} is {found.get(key)!r}, this run expects {expected[key]!r}")
+
+
+def _require_same_model(found: GPTNeoXConfig, want: GPTNeoXConfig, source: str) -> None:
+    differing = [f.name for f in dataclasses.fields(GPTNeoXConfig)
+                 if f.name in GPTNeoXConfig.HF_FIELDS and getattr(found, f.name) != getattr(want, f.name)]
+    if differing:
+        raise ValueError(f"init.hf_dir {source}: config.json differs from config.model in {differing}")

@@ -1,0 +1,160 @@
+"""Train LLM-CXR: `python -m llmcxr_jax.train --config configs/stage1.py --workdir DIR [--config.key=value ...]`.
+
+`--dry_run` builds the state abstractly, compiles one step for the current mesh (or, with `--topology
+v5p:4x4x4`, for a TPU pod that is not there, through libtpu) and prints per-device memory, without training.
+A restarted run resumes from the latest checkpoint in `--workdir` by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llmcxr_jax import lm_task, parallel, trainer
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage1.py or configs/stage1.py:tiny",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and logs go here")
+flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memory; no training")
+flags.DEFINE_string("topology", "", "with --dry_run: compile for a TPU topology such as v5p:4x4x4 (needs libtpu)")
+
+
+def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
+    """Errors a user can cause, caught before anything is compiled."""
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    gbs, mbs = config.train.global_batch_size, config.train.micro_batches
+    if gbs % mbs:
+        raise ValueError(f"train.global_batch_size={gbs} is not divisible by train.micro_batches={mbs}")
+    if (gbs // mbs) % data_shards:
+        raise ValueError(f"a micro-batch of {gbs // mbs} sequences does not divide over the {data_shards} "
+                         f"data×fsdp shards of mesh {dict(mesh.shape)}; change train.global_batch_size or mesh.shape")
+    if gbs % jax.process_count():
+        raise ValueError(f"train.global_batch_size={gbs} is not divisible by {jax.process_count()} processes")
+    if config.train.loss_mode == "original" and (gbs // mbs) % config.train.loss_group_size:
+        raise ValueError(f"loss_mode 'original' needs micro-batches divisible by loss_group_size="
+                         f"{config.train.loss_group_size}")
+    if config.init.hf_dir and config.init.workdir:
+        raise ValueError("set only one of init.hf_dir (stage 1) and init.workdir (stage 2)")
+
+
+def token_metadata(config: Any) -> dict[str, Any]:
+    """Token layout and VQ-GAN identity that checkpoints record and later stages and the sampler check."""
+    if config.data.source == "synthetic":
+        return {"image_offset": config.model.vocab_size, "token_layout": {"synthetic": config.model.vocab_size}}
+    from llmcxr_jax.tokenizer import LlmCxrTokenizer
+
+    tokenizer = LlmCxrTokenizer.from_pretrained(config.tokenizer or None, num_image_codes=config.vqgan.num_codes)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
+                         f"ids ({tokenizer.text_vocab_size} text + {config.vqgan.num_codes} image codes)")
+    return {"image_offset": tokenizer.image_offset, "token_layout": dataclasses.asdict(tokenizer.layout),
+            "vqgan_fingerprint": config.vqgan.fingerprint, "vqgan_grid": config.vqgan.grid}
+
+
+def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None]:
+    """The training iterator and, when known, the number of steps in one epoch."""
+    if config.data.source == "synthetic":
+        from llmcxr_jax.data.synthetic import SyntheticBatches
+
+        it = SyntheticBatches(global_batch_size=config.train.global_batch_size, seq_len=config.data.seq_len,
+                              vocab_size=config.model.vocab_size, seed=config.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+        return it, None
+    raise ValueError(f"data.source {config.data.source!r} is not available yet; use 'synthetic'")
+
+
+def total_steps(config: Any, steps_per_epoch: int | None) -> int:
+    if config.train.num_steps > 0:
+        return config.train.num_steps
+    if steps_per_epoch is None:
+        raise ValueError("train.num_steps must be set when the data source has no epoch length")
+    return config.train.num_epochs * steps_per_epoch
+
+
+def dry_run(task: trainer.Task, config: Any, mesh: jax.sharding.Mesh, rules: parallel.Rules) -> dict[str, int]:
+    """Lower and compile one train step from abstract inputs; print and return per-device memory in bytes."""
+    graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
+    batch_sh = trainer.batch_shardings(task, mesh, rules)
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    dtypes = {"input_ids": np.int32, "loss_weights": np.float32}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=batch_sh[k]) for k in task.batch_axes}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    with jax.set_mesh(mesh), parallel.use_rules(rules):
+        compiled = trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    report = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+              "temporaries": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes}
+    state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+    platform = mesh.devices.flat[0].platform
+    print(f"dry run: one step of {config.train.global_batch_size}×{config.data.seq_len} tokens compiled for "
+          f"{mesh.devices.size} {platform} devices, mesh {dict(mesh.shape)}")
+    print(f"  parameters + optimizer state: {state_bytes / 2**30:.2f} GiB in total")
+    for key, value in report.items():
+        print(f"  per device {key:>15}: {value / 2**30:8.3f} GiB")
+    if platform == "cpu":
+        print("  note: memory on (fake) CPU devices is XLA's plan for this mesh, not a guarantee for a GPU")
+    return report
+
+
+def topology_mesh(topology: str, shape: tuple[int, ...]) -> jax.sharding.Mesh:
+    """Devices of a TPU topology that need not exist (ahead-of-time compilation through libtpu)."""
+    from jax.experimental import topologies
+
+    # Compiling for absent chips needs no exclusive hold on a local TPU, and there are no TPU workers to find.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as e:
+        raise RuntimeError(f"--topology {topology}: cannot describe this TPU topology ({e}); install the `tpu` "
+                           "extra (libtpu) and use a name such as v5p:2x2x2") from e
+    return parallel.make_mesh(shape, devices=devices)
+
+
+def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> Any:
+    parallel.initialize(config.distributed)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla"))
+    mesh = topology_mesh(topology, config.mesh.shape) if topology else parallel.make_mesh(config.mesh.shape)
+    rules = parallel.DEFAULT_RULES
+    check_config(config, mesh)
+    metadata = {"stage": config.stage, **token_metadata(config)}
+    train_iter, steps_per_epoch = make_train_data(config)
+    steps = total_steps(config, steps_per_epoch)
+    task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
+    if dry:
+        return dry_run(task, config, mesh, rules)
+    loop = trainer.LoopConfig(
+        total_steps=steps, log_every=config.train.log_every, eval_every=config.train.eval_every,
+        checkpoint_every=config.train.checkpoint_every, keep_checkpoints=config.train.keep_checkpoints,
+        async_checkpoints=config.train.async_checkpoints, progress=config.train.progress)
+    return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/stage1.py")
+    if not FLAGS.dry_run and not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (checkpoints and logs go there)")
+    if FLAGS.topology and not FLAGS.dry_run:
+        raise app.UsageError("--topology only makes sense with --dry_run")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
+    try:
+        run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
+    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,265 @@
+"""The generic training loop: a task brings its state, pure step and metrics; the loop brings everything else.
+
+Everything else is: the mesh and state shardings (from the state's logical axes), a jitted step with explicit
+in/out shardings and donated state, Orbax checkpoints with the data-iterator state (exact resume, also after
+SIGKILL), SIGTERM handling, evaluation cadence, progress bar, TensorBoard (process 0 only) and a stop with a
+clear message on a non-finite loss. The LM stages are the first task; the VQ-GAN is the second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llmcxr_jax import checkpoint, parallel
+
+
+class DataIterator(Protocol):
+    """Yields process-local numpy batches; its state round-trips through JSON (Grain iterators do)."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class Task:
+    """What a task supplies. `create_state` must be deterministic: it runs under `eval_shape` and `jit`.
+
+    `initial_state`, when given, builds the starting state of a fresh run from outside (an HF directory, a
+    previous stage) directly onto the shardings it receives. `summarize` turns summed metrics into the numbers
+    that are logged; `throughput` turns (metrics, seconds) into rates such as tokens/s and MFU.
+    """
+
+    name: str
+    create_state: Callable[[], nnx.Module]
+    train_step: Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
+    batch_axes: dict[str, tuple[str | None, ...]]
+    summarize: Callable[[dict[str, Any]], dict[str, float]]
+    eval_step: Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]] | None = None
+    initial_state: Callable[[Any], Any] | None = None
+    throughput: Callable[[dict[str, float], float], dict[str, float]] | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    check_restored_metadata: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 5
+    async_checkpoints: bool = True
+    progress: bool = True
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (then a final checkpoint and a clean exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside some test runners): no handler, nothing breaks
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Logger:
+    """TensorBoard scalars and a progress bar, both only on process 0."""
+
+    def __init__(self, workdir: Path, total_steps: int, start_step: int, progress: bool):
+        self.active = jax.process_index() == 0
+        self._writer = None
+        self._bar = None
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(workdir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for key, value in values.items():
+            self._writer.add_scalar(f"{prefix}/{key}", value, step)
+        self._writer.flush()
+        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "tokens_per_s", "mfu", "lr")}
+        if self._bar is not None:
+            self._bar.set_postfix(shown, refresh=False)
+        else:
+            print(f"[{prefix}] step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def state_shardings(task: Task, mesh: Mesh, rules: parallel.Rules) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, abstract state, shardings) without allocating anything."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(task.create_state))
+    return graphdef, abstract, parallel.state_shardings(abstract, mesh, rules)
+
+
+def batch_shardings(task: Task, mesh: Mesh, rules: parallel.Rules) -> dict[str, NamedSharding]:
+    return {k: NamedSharding(mesh, parallel.logical_to_spec(axes, None, mesh, rules))
+            for k, axes in task.batch_axes.items()}
+
+
+def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Process-local numpy rows → global arrays (each process holds its slice of the batch axis)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def compile_train_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding]):
+    def step(state, batch):
+        module = nnx.merge(graphdef, state)
+        metrics = task.train_step(module, batch)
+        return nnx.state(module), metrics
+
+    return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+
+
+def compile_eval_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding]):
+    def step(state, batch):
+        return task.eval_step(nnx.merge(graphdef, state), batch)
+
+    return jax.jit(step, in_shardings=(shardings, batch_sh))
+
+
+def _fetch(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _add(total: dict[str, float] | None, new: dict[str, float]) -> dict[str, float]:
+    return dict(new) if total is None else {k: total[k] + new[k] for k in total}
+
+
+def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, workdir: str | Path,
+          train_iter: DataIterator, eval_iter_fn: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
+          ) -> Any:
+    """Train until `loop.total_steps`, resuming from the latest checkpoint in `workdir`; returns the final state."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    graphdef, abstract, shardings = state_shardings(task, mesh, rules)
+    batch_sh = batch_shardings(task, mesh, rules)
+    ckpts = checkpoint.TrainCheckpoints(workdir, every=loop.checkpoint_every, keep=loop.keep_checkpoints,
+                                        async_save=loop.async_checkpoints)
+    with jax.set_mesh(mesh), parallel.use_rules(rules):
+        start = ckpts.latest_step()
+        if start is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+            pure, data_state, meta = ckpts.restore(start, target)
+            if task.check_restored_metadata is not None:
+                task.check_restored_metadata(meta)
+            state = abstract
+            nnx.replace_by_pure_dict(state, pure)
+            train_iter.set_state(data_state)
+        elif task.initial_state is not None:
+            start, state = 0, task.initial_state(shardings)
+        else:
+            start, state = 0, jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
+        step_fn = compile_train_step(task, graphdef, shardings, batch_sh)
+        eval_fn = compile_eval_step(task, graphdef, shardings, batch_sh) if task.eval_step else None
+        logger = _Logger(workdir, loop.total_steps, start, loop.progress)
+        try:
+            return _run(task, loop, state, start, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts,
+                        logger)
+        finally:
+            ckpts.close()
+            logger.close()
+
+
+def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger):
+    """The loop body. Metrics of step t are read after step t+1 is dispatched, so the host never idles the device."""
+    window: dict[str, float] | None = None
+    window_start, window_steps = time.perf_counter(), 0
+    pending = None
+    with _Preemption() as preemption:
+        while step < loop.total_steps:
+            batch_state = train_iter.get_state()  # names the batch in error messages
+            state, metrics = step_fn(state, to_global(next(train_iter), batch_sh))
+            step += 1
+            if pending is not None:
+                window = _add(window, _check_finite(*pending))
+            pending = (metrics, step, batch_state)
+            window_steps += 1
+            logger.advance()
+            last = step == loop.total_steps
+            log_now = bool(loop.log_every) and (step % loop.log_every == 0 or last)
+            save_now = ckpts.should_save(step) or last or preemption.requested
+            if log_now or save_now:
+                window = _add(window, _check_finite(*pending))
+                pending = None
+            if log_now:
+                seconds = time.perf_counter() - window_start
+                means = {k: v / window_steps if k in ("loss", "grad_norm", "lr") else v for k, v in window.items()}
+                values = task.summarize(means)
+                if task.throughput is not None:
+                    values.update(task.throughput(window, seconds))
+                logger.scalars(step, "train", values)
+                window, window_start, window_steps = None, time.perf_counter(), 0
+            if save_now:
+                ckpts.save(step, nnx.to_pure_dict(state), train_iter.get_state(), task.metadata)
+            if eval_fn is not None and eval_iter_fn is not None and loop.eval_every and (
+                    step % loop.eval_every == 0 or last):
+                sums = None
+                for eval_batch in eval_iter_fn():
+                    sums = _add(sums, _fetch(eval_fn(state, to_global(eval_batch, batch_sh))))
+                if sums is not None:
+                    logger.scalars(step, "eval", task.summarize(sums))
+            if preemption.requested:
+                logger.message(f"SIGTERM: saved a checkpoint at step {step}; exiting cleanly")
+                break
+    return state
+
+
+def _check_finite(metrics: dict[str, jax.Array], step: int, batch_state: dict[str, Any]) -> dict[str, float]:
+    values = _fetch(metrics)
+    if not math.isfinite(values["loss"]):
+        raise NonFiniteLossError(
+            f"loss is {values['loss']} at step {step} (the batch drawn at data-iterator state {batch_state}); "
+            "training stopped; the last good checkpoint is kept and none was written for this step")
+    return values

@@ -1,0 +1,215 @@
+"""The sharded training runtime: learning, mesh independence, ZeRO-3 memory, exact resume, stage seeding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_reference import save_hf, tiny_hf_model
+from llmcxr_jax import lm_task, optim, parallel, trainer
+from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tiny_task
+
+
+def _eval_loss(task, state, batch, mesh):
+    graphdef, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
+    module = nnx.merge(graphdef, state)
+    sums = lm_task.eval_step(module, {k: jnp.asarray(v) for k, v in batch.items()}, lm_task.LMStepConfig(
+        image_offset=10**9))
+    return float(sums["loss_sum"]) / float(sums["tokens"])
+
+
+def test_tiny_config_overfits_a_fixed_batch(tmp_path):
+    config = load_config("stage1")
+    mesh = mesh_of((1, 8, 1))
+    fixed = batches(config, fixed=True)
+    batch = next(batches(config, fixed=True))
+    task, state0 = run_steps(config, mesh, tmp_path / "a", 1, fixed=True)
+    before = _eval_loss(task, state0, batch, mesh)
+    task, state = run_steps(config, mesh, tmp_path / "b", 60, fixed=True, data=fixed)
+    after = _eval_loss(task, state, batch, mesh)
+    assert after < 0.1 * before, (before, after)
+
+
+@pytest.mark.parametrize("loss_mode", ["global", "original"])
+def test_two_steps_agree_across_meshes_and_micro_batching(tmp_path, loss_mode):
+    config = load_config("stage1")
+    config.train.loss_mode = loss_mode
+    config.optim.lr = 1e-4
+    results = {}
+    for shape in [(1, 1, 1), (1, 8, 1), (2, 4, 1)]:
+        results[shape] = params_of(run_steps(config, mesh_of(shape), tmp_path / str(shape), 2)[1])
+    config.train.micro_batches = 2
+    results["micro2"] = params_of(run_steps(config, mesh_of((2, 2, 1)), tmp_path / "micro", 2)[1])
+    reference = results.pop((1, 1, 1))
+    initial = params_of(jax.jit(lambda: nnx.state(tiny_task(config, mesh_of((1, 1, 1)), 2).create_state()))())
+    assert any(np.abs(reference[k] - initial[k]).max() > 1e-4 for k in reference)  # the steps changed something
+    # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise moves a weight by a visible fraction
+    # of one lr step, so the tolerance is 3% of a step (lr 1e-4) rather than float epsilon.
+    for name, params in results.items():
+        for key in reference:
+            np.testing.assert_allclose(params[key], reference[key], atol=3e-6, rtol=1e-5, err_msg=f"{name} {key}")
+
+
+def test_loss_modes_normalise_as_documented():
+    weights = jnp.asarray(np.array([[0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 0], [0, 0, 0, 1]], np.float32))
+    per_seq = jnp.asarray([3.0, 2.0, 4.0, 1.0])  # summed token losses
+    global_loss = (lm_task.sequence_scales(weights, "global", 2) * per_seq).sum()
+    # Targets per row after the causal shift: 3, 2, 2, 1 → 8 in all; groups {0,1}: 5 tokens, {2,3}: 3 tokens.
+    np.testing.assert_allclose(global_loss, 10.0 / 8.0, rtol=1e-6)
+    original = (lm_task.sequence_scales(weights, "original", 2) * per_seq).sum()
+    np.testing.assert_allclose(original, 0.5 * (5.0 / 5 + 5.0 / 3), rtol=1e-6)
+
+
+def test_fsdp_shards_params_and_moments_to_an_eighth(tmp_path):
+    config = load_config("stage1")
+    config.model.update(hidden_size=256, intermediate_size=1024, vocab_size=512)  # realistic share of biases
+    mesh = mesh_of((1, 8, 1))
+    task = tiny_task(config, mesh, 1)
+    _, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
+    state = jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
+    total = parallel.total_bytes(state)
+    assert parallel.per_device_bytes(state) <= total / 8 * 1.05
+    param = state["model"]["layers"]["qkv_kernel"].get_value()
+    moments = [x for x in jax.tree.leaves(state["optimizer"]["opt_state"]) if x.shape == param.shape]
+    assert len(moments) == 2  # Adam's mu and nu follow the stacked-layer parameter's sharding
+    assert all(m.sharding.spec == param.sharding.spec for m in moments) and "fsdp" in tuple(param.sharding.spec)
+
+
+def test_original_warmup_schedule_values():
+    schedule = optim.log_warmup_schedule(5e-6, 50)
+    expected = [5e-6] + [5e-6 * min(1.0, np.log(u) / np.log(50)) for u in range(1, 61)]
+    np.testing.assert_allclose([float(schedule(u)) for u in range(61)], expected, rtol=1e-6, atol=1e-15)
+
+
+def test_restore_onto_a_smaller_mesh(tmp_path):
+    config = load_config("stage1")
+    task, state = run_steps(config, mesh_of((1, 8, 1)), tmp_path / "w", 2)
+    for shape in [(1, 4, 1), (1, 1, 1)]:
+        # total_steps already reached: train() restores and returns without stepping.
+        _, restored = run_steps(config, mesh_of(shape), tmp_path / "w", 2)
+        for key, value in params_of(state).items():
+            np.testing.assert_array_equal(params_of(restored)[key], value)
+
+
+def test_stage2_is_seeded_from_stage1_parameters_only(tmp_path):
+    stage1 = load_config("stage1")
+    _, s1 = run_steps(stage1, mesh_of((1, 8, 1)), tmp_path / "s1", 3)
+    stage2 = load_config("stage2")
+    stage2.init.workdir = str(tmp_path / "s1")
+    mesh = mesh_of((1, 4, 1))
+    task = tiny_task(stage2, mesh, 1)
+    _, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
+    seeded = task.initial_state(shardings)
+    for key, value in params_of(s1).items():
+        np.testing.assert_array_equal(params_of(seeded)[key], value)
+    assert int(seeded["optimizer"]["step"].get_value()) == 0
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(seeded["optimizer"]["opt_state"]))
+
+
+def test_stage2_refuses_other_vocabulary_or_vqgan(tmp_path):
+    stage1 = load_config("stage1")
+    run_steps(stage1, mesh_of((1, 1, 1)), tmp_path / "s1", 1)
+    stage2 = load_config("stage2")
+    stage2.init.workdir = str(tmp_path / "s1")
+    stage2.model.vocab_size = 144
+    mesh = mesh_of((1, 1, 1))
+    task = tiny_task(stage2, mesh, 1)
+    with pytest.raises(ValueError, match=r"vocabulary size 128 differs from this run's 144"):
+        task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    stage2 = load_config("stage2")
+    stage2.init.workdir = str(tmp_path / "s1")
+    task = lm_task.build_task(stage2, mesh=mesh, rules=parallel.DEFAULT_RULES, total_steps=1,
+                              metadata={"stage": 2, "image_offset": 112, "vqgan_fingerprint": "other"})
+    with pytest.raises(ValueError, match=r"vqgan_fingerprint is None, this run expects 'other'"):
+        task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+
+
+def test_stage1_starts_from_an_hf_directory_with_vocab_extension(tmp_path):
+    hf = tiny_hf_model(seed=7, vocab_size=112, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    config = load_config("stage1")
+    config.init.hf_dir = str(save_hf(hf, tmp_path / "hf"))
+    config.model.update(vocab_size=128, max_position_embeddings=128)
+    mesh = mesh_of((1, 8, 1))
+    task = tiny_task(config, mesh, 1)
+    state = task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    embed = np.asarray(state["model"]["embed_in"].get_value())
+    assert embed.shape == (128, 64)
+    np.testing.assert_array_equal(embed[:112], hf.gpt_neox.embed_in.weight.detach().numpy())
+
+
+def _train_cli(workdir, steps, extra=()):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(ROOT / "configs/stage1.py:tiny"),
+           "--workdir", str(workdir), f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=1",
+           *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final(workdir, steps, mesh):
+    config = load_config("stage1")
+    return run_steps(config, mesh, workdir, steps)[1]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    steps = 12
+    assert _train_cli(tmp_path / "straight", steps).wait(timeout=300) == 0
+    proc = _train_cli(tmp_path / "killed", steps)
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    assert done and done[-1] < steps, f"the run finished before it could be killed: {done}"
+    assert _train_cli(tmp_path / "killed", steps).wait(timeout=300) == 0
+    mesh = mesh_of((1, 8, 1))
+    straight, resumed = _final(tmp_path / "straight", steps, mesh), _final(tmp_path / "killed", steps, mesh)
+    for key, value in params_of(straight).items():
+        np.testing.assert_array_equal(params_of(resumed)[key], value)
+    data_state = lambda w: json.loads((w / "checkpoints" / str(steps) / "data" / "metadata").read_text())  # noqa
+    assert data_state(tmp_path / "killed") == data_state(tmp_path / "straight") == {"index": steps}
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = _train_cli(tmp_path / "w", 100000, ["--config.train.checkpoint_every=0"])
+    time.sleep(0.5)
+    while proc.poll() is None and not (tmp_path / "w" / "tensorboard").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved a checkpoint at step" in out
+    steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_non_finite_loss_stops_with_step_and_batch(tmp_path):
+    config = load_config("stage1")
+    config.optim.lr = 1e30  # the first update overflows the weights; the next loss is not finite
+    config.optim.clip_norm = 0.0
+    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan at step 2 \(the batch drawn at data-iterator "
+                                                         r"state \{'index': 1\}\)"):
+        run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
+    assert not (tmp_path / "w" / "checkpoints" / "2").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--config.train.nonexistent=1"], "nonexistent"),
+    (["--config.mesh.shape=(1,3,1)"], "mesh shape (1, 3, 1) needs 3 devices, but 8 are available"),
+    (["--config.train.global_batch_size=4", "--config.mesh.shape=(1,8,1)"],
+     "a micro-batch of 4 sequences does not divide over the 8 data×fsdp shards"),
+])
+def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, message):
+    out, _ = _train_cli(tmp_path / "w", 2, override).communicate(timeout=120)
+    assert message in out, out
+    assert not (tmp_path / "w" / "checkpoints").exists()
