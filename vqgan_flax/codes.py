@@ -1,0 +1,248 @@
+"""The codes directory (DESIGN "Codes file"): image ids and their VQ-GAN codes, in append-only shards.
+
+    CODES_DIR/meta.json           format, VQ-GAN fingerprint, grid, codebook size, preprocessing recipe
+    CODES_DIR/shard-00000.npz     arrays `ids` (unicode, (n,)) and `codes` (int16, (n, h, w)), raster order
+
+Shards are written to a temporary name and renamed, so a crash leaves only whole shards; a writer reopened
+on the directory continues after the last one. Every shard is validated when read (errors name the shard).
+The original's pickle `dict[dicom_id -> list[int]]` converts to and from this format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
+
+META_FILE = "meta.json"
+FORMAT = "vqgan_flax.codes/1"
+_SHARD_PREFIX, _SHARD_SUFFIX, _TMP_SUFFIX = "shard-", ".npz", ".tmp"
+
+
+class CodesError(ValueError):
+    """A codes directory, shard or pickle is malformed or does not fit its metadata."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CodesMeta:
+    """What the codes mean: which VQ-GAN (fingerprint, "" if unknown) and which preprocessing made them."""
+
+    fingerprint: str
+    grid: tuple[int, int]
+    num_codes: int
+    recipe: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "fingerprint": self.fingerprint, "grid": list(self.grid),
+                "num_codes": self.num_codes, "recipe": dict(self.recipe)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> CodesMeta:
+        try:
+            fmt = data["format"]
+            meta = cls(str(data["fingerprint"]), (int(data["grid"][0]), int(data["grid"][1])),
+                       int(data["num_codes"]), dict(data["recipe"]))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise CodesError(f"{source}: malformed codes metadata ({type(err).__name__}: {err})") from err
+        if fmt != FORMAT:
+            raise CodesError(f"{source}: format {fmt!r}, expected {FORMAT!r}")
+        return meta
+
+
+def _shard_name(index: int) -> str:
+    return f"{_SHARD_PREFIX}{index:05d}{_SHARD_SUFFIX}"
+
+
+def _shard_index(path: Path) -> int | None:
+    digits = path.name[len(_SHARD_PREFIX):-len(_SHARD_SUFFIX)]
+    return int(digits) if digits.isdigit() else None
+
+
+def _shard_paths(path: Path) -> list[Path]:
+    shards = [p for p in path.glob(f"{_SHARD_PREFIX}*{_SHARD_SUFFIX}") if _shard_index(p) is not None]
+    return sorted(shards, key=_shard_index)
+
+
+def validate(ids: np.ndarray, codes: np.ndarray, meta: CodesMeta, source: str) -> None:
+    """Raise naming `source` unless ids are unique strings and codes are int16 (n, h, w) within the codebook."""
+    if ids.ndim != 1 or ids.dtype.kind != "U":
+        raise CodesError(f"{source}: ids must be a 1-D unicode array, got {ids.dtype} {ids.shape}")
+    if codes.dtype != np.int16 or codes.ndim != 3:
+        raise CodesError(f"{source}: codes must be int16 (n, h, w), got {codes.dtype} {codes.shape}")
+    if codes.shape[1:] != meta.grid:
+        raise CodesError(f"{source}: codes grid {codes.shape[1:]} != {meta.grid} in the metadata")
+    if len(ids) != len(codes):
+        raise CodesError(f"{source}: {len(ids)} ids but {len(codes)} code maps")
+    if codes.size and (codes.min() < 0 or codes.max() >= meta.num_codes):
+        raise CodesError(f"{source}: codes span {codes.min()}..{codes.max()}, outside 0..{meta.num_codes - 1}")
+    if len(set(ids.tolist())) != len(ids):
+        raise CodesError(f"{source}: duplicate ids within the shard")
+
+
+def _read_shard(path: Path, meta: CodesMeta) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise CodesError(f"{path}: unreadable shard: {err}") from err
+    if set(arrays) != {"ids", "codes"}:
+        raise CodesError(f"{path}: expected arrays ids and codes, found {sorted(arrays)}")
+    ids, codes = arrays["ids"], arrays["codes"]
+    validate(ids, codes, meta, str(path))
+    return ids, codes
+
+
+def _read_meta(path: Path) -> CodesMeta:
+    meta_path = path / META_FILE
+    try:
+        data = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CodesError(f"{meta_path}: cannot read codes metadata: {err}") from err
+    return CodesMeta.from_json(data, str(meta_path))
+
+
+class CodesDir(Mapping[str, np.ndarray]):
+    """A read-only, validated codes directory as a mapping id -> int16 (h, w), in shard order."""
+
+    def __init__(self, path: Path, meta: CodesMeta, ids: list[str], codes: np.ndarray):
+        self.path, self.meta, self.ids, self.codes = path, meta, ids, codes
+        self._row = {image_id: i for i, image_id in enumerate(ids)}
+
+    @classmethod
+    def open(cls, path: str | Path) -> CodesDir:
+        path = Path(path)
+        meta = _read_meta(path)
+        ids: list[str] = []
+        blocks = [np.zeros((0, *meta.grid), np.int16)]
+        seen: dict[str, Path] = {}
+        for shard in _shard_paths(path):
+            shard_ids, shard_codes = _read_shard(shard, meta)
+            for image_id in shard_ids.tolist():
+                if image_id in seen:
+                    raise CodesError(f"{shard}: id {image_id!r} is also in {seen[image_id]}")
+                seen[image_id] = shard
+            ids.extend(shard_ids.tolist())
+            blocks.append(shard_codes)
+        return cls(path, meta, ids, np.concatenate(blocks))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        try:
+            return self.codes[self._row[image_id]]
+        except KeyError:
+            raise KeyError(f"{self.path}: no codes for id {image_id!r}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def done_ids(self) -> frozenset[str]:
+        return frozenset(self._row)
+
+
+class CodesWriter:
+    """Appends shards to a codes directory; reopening an existing one resumes it (same metadata required)."""
+
+    def __init__(self, path: str | Path, meta: CodesMeta):
+        self.path = Path(path)
+        self.meta = meta
+        if (self.path / META_FILE).exists():
+            existing = _read_meta(self.path)
+            if existing != meta:
+                diffs = [f"{f.name}: {getattr(existing, f.name)!r} there, {getattr(meta, f.name)!r} now"
+                         for f in dataclasses.fields(meta) if getattr(existing, f.name) != getattr(meta, f.name)]
+                raise CodesError(f"{self.path / META_FILE}: cannot resume with different settings ("
+                                 + "; ".join(diffs) + "); write to another directory")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / META_FILE).write_text(json.dumps(meta.to_json(), indent=1) + "\n")
+        for leftover in self.path.glob(f"*{_SHARD_SUFFIX}{_TMP_SUFFIX}"):
+            leftover.unlink()  # half-written shard of an interrupted run
+        self._done = set(CodesDir.open(self.path).done_ids())
+        shards = _shard_paths(self.path)
+        self._next = _shard_index(shards[-1]) + 1 if shards else 0
+
+    def done_ids(self) -> frozenset[str]:
+        return frozenset(self._done)
+
+    def write(self, ids: Iterable[str], codes: np.ndarray) -> Path:
+        """Write one shard atomically; ids must be new to the directory."""
+        target = self.path / _shard_name(self._next)
+        id_array = np.asarray(list(ids), dtype=str)
+        code_array = np.asarray(codes)
+        if code_array.dtype.kind not in "iu" or (
+                code_array.size and (code_array.min() < 0 or code_array.max() >= self.meta.num_codes)):
+            raise CodesError(f"{target}: codes must be integers in 0..{self.meta.num_codes - 1}")
+        code_array = code_array.astype(np.int16)  # exact: the range was checked above
+        validate(id_array, code_array, self.meta, str(target))
+        again = self._done.intersection(id_array.tolist())
+        if again:
+            raise CodesError(f"{self.path}: ids already written: {sorted(again)[:10]}")
+        tmp = target.with_name(target.name + _TMP_SUFFIX)
+        with tmp.open("wb") as f:
+            np.savez(f, ids=id_array, codes=code_array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        self._done.update(id_array.tolist())
+        self._next += 1
+        return target
+
+
+def read_pickle(path: str | Path, grid: tuple[int, int], num_codes: int) -> tuple[dict[str, np.ndarray], int]:
+    """The original's `dict[dicom_id -> list[int]]` as id -> int16 (h, w), and how many entries were dropped.
+
+    Like LLM-CXR's loader, entries with len != h·w or max >= num_codes are dropped; so are (not in the
+    original) entries with negative codes, which no codebook can hold. The pickle may contain only dicts,
+    lists, str and int: anything else is refused without being constructed.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            obj = restricted_load(f, str(path), {}, "a dict of str -> list of int")
+    except OSError as err:
+        raise CodesError(f"{path}: cannot open: {err}") from err
+    except UnsafePickleError as err:
+        raise CodesError(str(err)) from err
+    if not isinstance(obj, dict):
+        raise CodesError(f"{path}: expected a dict of id -> list of codes, got {type(obj).__name__}")
+    out, dropped = {}, 0
+    for key, value in obj.items():
+        # exact types (bool is not a code); set(map(type, ...)) runs in C over ~10^8 values
+        if type(key) is not str or type(value) is not list or set(map(type, value)) - {int}:
+            raise CodesError(f"{path}: entry {key!r} is not str -> list of int")
+        if len(value) != grid[0] * grid[1] or max(value) >= num_codes or min(value) < 0:
+            dropped += 1
+            continue
+        out[key] = np.asarray(value, dtype=np.int16).reshape(grid)
+    return out, dropped
+
+
+def import_pickle(pickle_path: str | Path, out: str | Path, meta: CodesMeta,
+                  shard_size: int = 65536) -> tuple[int, int]:
+    """Write the original's pickle as a codes directory; returns (entries kept, entries dropped)."""
+    codes, dropped = read_pickle(pickle_path, meta.grid, meta.num_codes)
+    writer = CodesWriter(out, meta)
+    todo = sorted(set(codes) - writer.done_ids())
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start:start + shard_size]
+        writer.write(chunk, np.stack([codes[i] for i in chunk]))
+    return len(codes), dropped
+
+
+def export_pickle(codes: CodesDir, path: str | Path) -> None:
+    """Write the original's format: dict[id -> list[int]] of h·w codes in raster order."""
+    with Path(path).open("wb") as f:
+        pickle.dump({image_id: grid.reshape(-1).tolist() for image_id, grid in codes.items()}, f, protocol=4)

@@ -1,0 +1,80 @@
+"""Decode codes into grayscale PNGs, data-parallel over all local devices.
+
+    python -m vqgan_flax.decode --vqgan DIR --codes CODES_DIR_OR_PICKLE --out DIR [--batch_size N]
+
+CODES may be a codes directory (its VQ-GAN fingerprint must match DIR's) or the original's pickle
+`dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vqgan_flax import checkpoint
+from vqgan_flax.codes import CodesDir, CodesError, read_pickle
+from vqgan_flax.images import postprocess
+from vqgan_flax.model import VQGAN
+from vqgan_flax.parallel import DataParallel
+
+
+def read_codes(path: Path, model: VQGAN, fingerprint: str) -> dict[str, np.ndarray]:
+    """id -> (h, w) codes from a codes directory or a pickle, checked against the model."""
+    config = model.config
+    if not path.is_dir():
+        codes, dropped = read_pickle(path, config.grid, config.num_codes)
+        print(f"{path}: {len(codes)} entries, {dropped} dropped (wrong length or code out of range)", file=sys.stderr)
+        return codes
+    directory = CodesDir.open(path)
+    meta = directory.meta
+    if meta.grid != config.grid or meta.num_codes != config.num_codes:
+        raise CodesError(f"{path}: grid {meta.grid} / {meta.num_codes} codes, but the VQ-GAN has "
+                         f"{config.grid} / {config.num_codes}")
+    if meta.fingerprint and meta.fingerprint != fingerprint:
+        raise CodesError(f"{path}: codes were made by VQ-GAN {meta.fingerprint[:12]}…, not {fingerprint[:12]}…")
+    return dict(directory)
+
+
+def _check_ids(ids: Iterable[str], source: Path) -> None:
+    bad = [i for i in ids if not i or i in {".", ".."} or "/" in i or "\\" in i]
+    if bad:
+        raise CodesError(f"{source}: ids that are not usable as file names: {bad[:10]}")
+
+
+def decode_to_pngs(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch_size: int = 32) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    decode = DataParallel(VQGAN.decode, model, batch_size)
+    batch_size = decode.batch_size  # a multiple of the device count
+    ids = sorted(codes)
+    with tqdm(total=len(ids), unit="img", desc="decode") as bar:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            images = postprocess(decode(np.stack([codes[i] for i in chunk]).astype(np.int32)))
+            for image_id, image in zip(chunk, images):
+                Image.fromarray(image).save(out / f"{image_id}.png")
+            bar.update(len(chunk))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vqgan_flax.decode", description=__doc__.split("\n")[0])
+    parser.add_argument("--vqgan", required=True, help="VQ-GAN directory")
+    parser.add_argument("--codes", required=True, help="codes directory or the original's .pickle")
+    parser.add_argument("--out", required=True, help="directory for <id>.png")
+    parser.add_argument("--batch_size", type=int, default=32, help="global batch, rounded up to the device count")
+    args = parser.parse_args(argv)
+    try:
+        model = checkpoint.load(args.vqgan)
+        codes = read_codes(Path(args.codes), model, checkpoint.read_fingerprint(args.vqgan))
+        _check_ids(codes, Path(args.codes))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    decode_to_pngs(model, codes, Path(args.out), args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

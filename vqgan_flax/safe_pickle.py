@@ -1,0 +1,44 @@
+"""A pickle reader that resolves only an explicit allowlist of globals, so loading a file never runs its code."""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+
+class UnsafePickleError(ValueError):
+    """The file references a class or function outside the allowlist (or is not a valid pickle)."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """`find_class` admits only `allowed[(module, name)]`; everything else is refused with the file's name.
+
+    Plain dicts, lists, tuples, strings and numbers need no globals, so `allowed={}` reads exactly those.
+    """
+
+    def __init__(self, file: IO[bytes], source: str, allowed: Mapping[tuple[str, str], Any], expected: str,
+                 persistent_load: Callable[[Any], Any] | None = None):
+        super().__init__(file)
+        self._source = source
+        self._allowed = allowed
+        self._expected = expected
+        if persistent_load is not None:
+            self.persistent_load = persistent_load
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(f"{self._source}: refusing to unpickle {module}.{name}: "
+                                    f"this file may hold only {self._expected}") from None
+
+
+def restricted_load(file: IO[bytes], source: str, allowed: Mapping[tuple[str, str], Any], expected: str,
+                    persistent_load: Callable[[Any], Any] | None = None) -> Any:
+    """Unpickle with `RestrictedUnpickler`; malformed data also becomes an `UnsafePickleError` naming `source`."""
+    try:
+        return RestrictedUnpickler(file, source, allowed, expected, persistent_load).load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise UnsafePickleError(f"{source}: not a readable pickle: {type(err).__name__}: {err}") from err

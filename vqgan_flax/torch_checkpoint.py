@@ -1,0 +1,124 @@
+"""Read the tensors of a (Lightning) torch checkpoint as numpy arrays without executing pickled code.
+
+First `torch.load(weights_only=True)`. Where torch is missing or refuses the file, a restricted reader of
+torch's zip format (torch >= 1.6) takes over: its unpickler resolves only the tensor-rebuild functions,
+the typed storage classes and `collections.OrderedDict`, rebuilds tensors straight into numpy, and
+refuses anything else with an error naming the file and the class.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
+
+
+class CheckpointReadError(ValueError):
+    """The checkpoint file cannot be read safely."""
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    """Stand-in for torch.<X>Storage: only carries the element dtype."""
+
+    def __init__(self, dtype: Any):
+        self.dtype = np.dtype(dtype)
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                    *_ignored: Any) -> np.ndarray:
+    item = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=[s * item for s in stride])
+    return np.array(view)
+
+
+def _rebuild_parameter(data: np.ndarray, *_ignored: Any) -> np.ndarray:
+    return data
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+def _restricted_torch_load(path: Path) -> Any:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise CheckpointReadError(f"{path}: not a zip-format torch checkpoint (torch >= 1.6): {err}") from err
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointReadError(f"{path}: expected one */data.pkl in the torch zip archive, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder") != b"little":
+            raise CheckpointReadError(f"{path}: big-endian torch checkpoints are not supported")
+        storages: dict[str, np.ndarray] = {}
+
+        def persistent_load(pid: Any) -> np.ndarray:
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                    and isinstance(pid[1], _StorageType)):
+                raise UnsafePickleError(f"{path}: unexpected persistent id {pid!r}")
+            key = str(pid[2])
+            if key not in storages:
+                storages[key] = np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype=pid[1].dtype)
+            return storages[key]
+
+        with archive.open(pickles[0]) as f:
+            return restricted_load(f, str(path), _ALLOWED, "torch tensors and plain containers", persistent_load)
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True), or the restricted reader where torch is absent or refuses the file."""
+    try:
+        import torch
+    except ImportError:
+        return _restricted_torch_load(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return _restricted_torch_load(path)  # reads it, or says exactly which class is not allowed
+    except (RuntimeError, OSError, EOFError) as err:
+        raise CheckpointReadError(f"{path}: cannot read torch checkpoint: {err}") from err
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        array = value
+    else:  # a torch.Tensor from torch.load; numpy has no bfloat16, and the upcast is exact
+        tensor = value.detach().cpu()
+        array = (tensor.float() if str(tensor.dtype) == "torch.bfloat16" else tensor).numpy()
+    return array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """The `state_dict` of a Lightning checkpoint (or a bare state dict) as name -> numpy array."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"{path}: no such checkpoint file")
+    try:
+        obj = _torch_load(path)
+    except UnsafePickleError as err:
+        raise CheckpointReadError(str(err)) from err
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointReadError(f"{path}: holds no state_dict of tensors")
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not hasattr(v, "shape")]
+    if bad:
+        raise CheckpointReadError(f"{path}: state_dict entries that are not named tensors: {bad[:10]}")
+    return {name: _to_numpy(value) for name, value in state.items()}
