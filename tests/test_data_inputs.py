@@ -1,0 +1,155 @@
+"""Bad MIMIC inputs: clear errors naming the file and problem, or counted skips; never a silent drop."""
+from __future__ import annotations
+
+import collections
+import csv
+import datetime
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
+from llmcxr_jax.data.mimic_files import (ManualFilesMissingError, MimicFileError, load_selection,
+                                         reconstruct_selection, read_metadata_csv, read_split_csv)
+from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
+from mimic_fixture import write_mimic_tree
+from vqgan_flax.codes import CodesError
+
+
+def build(root, data_dir, config="stage1"):
+    builder = MimicCxrLlmcxr(config=config, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+    return builder
+
+
+def rewrite_csv(path, edit):
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(edit(rows))
+
+
+def test_missing_manual_files_are_named_with_their_source(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    (fx.root / "mimic-cxr-2.0.0-metadata.csv").unlink()
+    shutil.rmtree(fx.root / "reports")
+    shutil.rmtree(fx.codes_path)
+    with pytest.raises(ManualFilesMissingError) as err:
+        build(fx.root, tmp_path / "data")
+    message = str(err.value)
+    for name in ("mimic-cxr-2.0.0-metadata.csv", "reports", "mimic-cxr-256-txvloss_codebook_indices.pickle"):
+        assert str(fx.root / name) in message
+    assert "mimic-cxr-2.0.0-split.csv" not in message  # present, so not asked for
+    assert "physionet.org/content/mimic-cxr-jpg" in message and "mimic-cxr-reports.zip" in message
+
+
+def test_csv_missing_column(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    path = fx.root / "mimic-cxr-2.0.0-split.csv"
+    rewrite_csv(path, lambda rows: [row[:3] for row in rows])  # drops `split`
+    with pytest.raises(MimicFileError, match=rf"{path}: missing column\(s\) \['split'\]"):
+        build(fx.root, tmp_path / "data")
+
+
+def test_csv_ragged_row_and_unknown_split_name_the_line(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    split_csv = fx.root / "mimic-cxr-2.0.0-split.csv"
+    rewrite_csv(split_csv, lambda rows: rows[:4] + [rows[4][:2]] + rows[5:])
+    with pytest.raises(MimicFileError, match=rf"{split_csv}:5: 2 fields, header has 4"):
+        read_split_csv(split_csv)
+    rewrite_csv(split_csv, lambda rows: rows[:2] + [rows[2][:3] + ["holdout"]] + rows[3:])
+    with pytest.raises(MimicFileError, match=rf"{split_csv}:3: split 'holdout'"):
+        read_split_csv(split_csv)
+
+
+def test_unreadable_study_date_names_the_line(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    meta_csv = fx.root / "mimic-cxr-2.0.0-metadata.csv"
+    frontal = next(n for n, i in enumerate(fx.images) if i.view in ("PA", "AP"))  # read for the selection
+    line = frontal + 2  # after the header, 1-based
+    rewrite_csv(meta_csv, lambda rows: [r if n != line - 1 else r[:7] + ["May 5th"] + r[8:]
+                                        for n, r in enumerate(rows)])
+    images = read_split_csv(fx.root / "mimic-cxr-2.0.0-split.csv")
+    with pytest.raises(MimicFileError, match=rf"{meta_csv}:{line}: StudyDate 'May 5th'"):
+        reconstruct_selection(images, read_metadata_csv(meta_csv), meta_csv)
+
+
+def test_missing_report_is_a_counted_skip(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    before = build(fx.root, tmp_path / "before").build_counts["train"]
+    kept = [i for i in fx.images if i.split == "train" and i.codes == "valid"
+            and i.study.report in ("findings_impression", "impression_only", "findings_only")]
+    study = kept[0].study
+    (fx.root / "reports" / "files" / f"p{study.subject_id[:2]}" / f"p{study.subject_id}"
+     / f"s{study.study_id}.txt").unlink()
+    lost = sum(i.study == study for i in kept)
+    after = build(fx.root, tmp_path / "after").build_counts["train"]
+    assert after["kept"] == before["kept"] - lost and after["no_report"] == before["no_report"] + lost
+
+
+def test_invalid_codes_in_the_pickle_are_counted_and_removed_before_alternating(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m", codes_format="pickle")
+    counts = build(fx.root, tmp_path / "data").build_counts
+    bad = collections.Counter(("train" if i.split == "train" else "validation")
+                              for i in fx.images if i.codes in ("wrong_length", "out_of_range"))
+    assert {split: counts[split]["invalid_codes"] for split in counts} == dict(bad)
+    assert all(counts[split]["invalid_codes"] > 0 for split in counts)
+
+
+def test_codes_dir_shard_out_of_range_is_an_error_naming_the_shard(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    shard = sorted(fx.codes_path.glob("shard-*.npz"))[0]
+    with np.load(shard) as data:
+        ids, codes = data["ids"], data["codes"].copy()
+    codes[0, 0, 0] = 1024
+    np.savez(shard, ids=ids, codes=codes)
+    with pytest.raises(CodesError, match=f"{shard}.*outside 0..1023"):
+        build(fx.root, tmp_path / "data")
+
+
+def test_codes_pickle_with_non_list_values_is_an_error(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m", codes_format="pickle")
+    fx.codes_path.write_bytes(pickle.dumps({"a": [1, 2], "b": "not codes"}))
+    with pytest.raises(ValueError, match=f"{fx.codes_path}: entry 'b' is not str -> list of int"):
+        build(fx.root, tmp_path / "data")
+
+
+class Sneaky:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent-never-run",))
+
+
+@pytest.mark.parametrize("payload, found", [
+    ({"id": 1.5}, "float"), (["a", ("b", "c")], "tuple"), ({"a": None}, "NoneType"), ({"a": True}, "bool"),
+    ({"a", "b"}, "set"), ("just a string", "str"),
+])
+def test_plain_pickle_refuses_other_plain_types(tmp_path, payload, found):
+    path = tmp_path / "x.pickle"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(PlainPickleError, match=f"{path}: holds a {found}"):
+        load_plain_pickle(path, "ids")
+
+
+@pytest.mark.parametrize("payload, name", [
+    ({"a": Sneaky()}, "shutil.rmtree"), ({"a": datetime.date(2180, 1, 1)}, "datetime.date"),
+    (collections.OrderedDict(a=1), "collections.OrderedDict"),
+])
+def test_plain_pickle_refuses_classes_without_constructing_them(tmp_path, payload, name):
+    path = tmp_path / "x.pickle"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(PlainPickleError, match=f"refusing to unpickle {name}.*Convert it"):
+        load_plain_pickle(path, "ids")
+
+
+def test_selection_pickle_forms(tmp_path):
+    path = tmp_path / "sel.pickle"
+    path.write_bytes(pickle.dumps({"d1": {"view": "PA", "n": 3}, "d2": []}))
+    assert load_selection(path) == {"d1", "d2"}
+    path.write_bytes(pickle.dumps(["d3", "d4"]))
+    assert load_selection(path) == {"d3", "d4"}
+    path.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(MimicFileError, match="dicom_ids must be strings"):
+        load_selection(path)

@@ -1,0 +1,212 @@
+"""Grain pipeline with the real tokenizer: mixing, process slices, exact resume, masking, buckets, eval, sharding."""
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from llmcxr_jax.data.pipeline import make_eval_iterator, make_lm_iterator, to_global_arrays
+from llmcxr_jax.tokenizer import LlmCxrTokenizer
+
+LENGTHS = (128, 256, 512, 2048)
+_TAG = re.compile(r"\b([RD])(\d+)\b")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return LlmCxrTokenizer.from_pretrained(None)
+
+
+def mimic(n, n_codes=4):
+    """Cheap image/report records: few codes, short reports tagged R<i>."""
+    return [{"dicom_id": f"dicom-{i:05d}", "report": f"Report R{i} shows clear lungs.",
+             "codes": np.arange(i, i + n_codes, dtype=np.int16) % 1024,
+             "direction": ("cxr2report", "report2cxr")[i % 2]} for i in range(n)]
+
+
+def dolly(n):
+    return [{"instruction": f"Say D{i} please", "context": "" if i % 2 else "Some context.", "response": "Done."}
+            for i in range(n)]
+
+
+def tags(tok, batch):
+    """The source tag ('R12', 'D3') of every non-padding row."""
+    out = []
+    for ids in batch["input_ids"]:
+        if ids.any():
+            found = _TAG.findall(tok.decode(ids[ids > 0]))
+            assert len(found) == 1, found
+            out.append("".join(found[0]))
+    return out
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_mixing_proportions_over_10k(tok):
+    it = make_lm_iterator({"mimic": mimic(800), "dolly": dolly(50)}, tok, global_batch_size=50, process_index=0,
+                          process_count=1, lengths=LENGTHS)
+    is_image = np.concatenate([(b["input_ids"] >= tok.image_offset).any(axis=1) for b in take(it, 200)])
+    assert len(is_image) == 10_000
+    assert abs(is_image.mean() - 0.8) < 0.01
+    assert abs(is_image[:1000].mean() - 0.8) < 0.03  # already within one epoch (1000 examples), after shuffling
+    even = make_lm_iterator({"mimic": mimic(800), "dolly": dolly(50)}, tok, global_batch_size=50, process_index=0,
+                            process_count=1, lengths=LENGTHS, weights={"mimic": 0.5, "dolly": 0.5})
+    share = np.concatenate([(b["input_ids"] >= tok.image_offset).any(axis=1) for b in take(even, 40)]).mean()
+    assert abs(share - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("n_mimic, n_dolly", [(40, 5), (8, 30)])
+def test_epoch_exhausts_every_source_and_recycles_the_smaller(tok, n_mimic, n_dolly):
+    """One epoch reads the source that is large for its weight exactly once and recycles the other."""
+    it = make_lm_iterator({"mimic": mimic(n_mimic), "dolly": dolly(n_dolly)}, tok, global_batch_size=1,
+                          process_index=0, process_count=1, lengths=LENGTHS)
+    epoch = collections.Counter(t for b in take(it, it.batches_per_epoch) for t in tags(tok, b))
+    seen = {src: [epoch[f"{src}{i}"] for i in range(n)] for src, n in (("R", n_mimic), ("D", n_dolly))}
+    assert all(c >= 1 for c in seen["R"] + seen["D"])
+    exact = "R" if n_mimic / 0.8 >= n_dolly / 0.2 else "D"
+    assert set(seen[exact]) == {1}
+    assert sum(seen["R"] + seen["D"]) == it.batches_per_epoch
+
+
+def test_num_epochs_stops_after_whole_epochs(tok):
+    it = make_lm_iterator({"mimic": mimic(20), "dolly": dolly(3)}, tok, global_batch_size=3, process_index=0,
+                          process_count=1, lengths=LENGTHS, num_epochs=2)
+    assert len(list(it)) == 2 * it.batches_per_epoch == 2 * (25 // 3)
+
+
+def test_processes_get_disjoint_slices(tok):
+    sources = {"mimic": mimic(61), "dolly": dolly(13)}
+    seen = []
+    for index in range(2):  # one example per process and batch, so an epoch is a whole number of batches
+        it = make_lm_iterator(sources, tok, global_batch_size=2, process_index=index, process_count=2,
+                              lengths=LENGTHS)
+        seen.append({t for b in take(it, it.batches_per_epoch) for t in tags(tok, b)})
+    assert not seen[0] & seen[1]
+    assert {t for t in seen[0] | seen[1] if t[0] == "R"} == {f"R{i}" for i in range(61)}
+    assert {t for t in seen[0] | seen[1] if t[0] == "D"} == {f"D{i}" for i in range(13)}
+
+
+def test_state_round_trip_resumes_exactly(tok):
+    sources = {"mimic": mimic(30), "dolly": dolly(6) + [{"instruction": "Say D6", "context": "",
+                                                         "response": "very " * 400}]}
+    def fresh():
+        return make_lm_iterator(sources, tok, global_batch_size=4, process_index=0, process_count=1, seed=7,
+                                lengths=(256, 512), max_length=300)
+    straight = fresh()
+    assert straight.batches_per_epoch < 11  # resume across an epoch boundary
+    take(straight, 11)
+    state = json.loads(json.dumps(straight.get_state()))
+    want = take(straight, 3)
+    assert straight.dropped > 0  # the long Dolly record was dropped, and counted
+    resumed = fresh()
+    resumed.set_state(state)
+    got = take(resumed, 3)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (resumed.batches, resumed.dropped) == (straight.batches, straight.dropped)
+
+
+def test_same_record_gives_the_same_tokens_every_epoch(tok):
+    it = make_lm_iterator({"mimic": mimic(8)}, tok, global_batch_size=2, process_index=0, process_count=1,
+                          lengths=LENGTHS)
+    rows = collections.defaultdict(list)
+    for b in take(it, 3 * it.batches_per_epoch):
+        for tag, ids in zip(tags(tok, b), b["input_ids"]):
+            rows[tag].append(ids[ids > 0].tolist())
+    assert all(len(v) == 3 and v[0] == v[1] == v[2] for v in rows.values())
+
+
+def test_masking_padding_and_buckets(tok):
+    it = make_lm_iterator({"mimic": mimic(10, n_codes=256), "dolly": dolly(4)}, tok, global_batch_size=6,
+                          process_index=0, process_count=1, lengths=LENGTHS)
+    assert (tok.response_key_id, tok.end_id, tok.image_offset) == (50280, 50277, 50281)
+    widths = set()
+    for batch in take(it, 6):
+        ids, weights = batch["input_ids"], batch["loss_weights"]
+        assert ids.dtype == np.int32 and weights.dtype == np.float32 and ids.shape == weights.shape
+        widths.add(ids.shape[1])
+        lengths = (ids != 0).sum(axis=1)
+        assert ids.shape[1] == min(n for n in LENGTHS if n >= lengths.max())
+        for row, w, n in zip(ids, weights, lengths):
+            start = int(np.flatnonzero(row == tok.response_key_id)[0])
+            assert not w[:start + 1].any()
+            assert (w[start + 1:n] == 1).all() and row[n - 1] == tok.end_id
+            assert not w[n:].any() and not row[n:].any()
+            if (row[start + 1:n] >= tok.image_offset).any():  # report→CXR: the image is the target
+                assert (row[start + 1:n] >= tok.image_offset).sum() == 256
+    assert len(widths) <= len(LENGTHS)
+
+
+def test_eval_iterator_one_pass_padded(tok):
+    sources = {"mimic": mimic(9), "dolly": dolly(2)}
+    passes = []
+    for index in range(3):
+        ev = make_eval_iterator(sources, tok, global_batch_size=6, process_index=index, process_count=3,
+                                lengths=LENGTHS)
+        batches = list(ev)
+        for b in batches:
+            assert not b["loss_weights"][b["num_real"]:].any() and not b["input_ids"][b["num_real"]:].any()
+        passes.append(batches)
+    assert len({len(p) for p in passes}) == 1  # every process steps the same number of times
+    real = [t for p in passes for b in p for t in tags(tok, b)]
+    assert sum(b["num_real"] for p in passes for b in p) == len(real)
+    counts = collections.Counter(real)
+    assert {f"R{i}" for i in range(9)} <= counts.keys() and {"D0", "D1"} <= counts.keys()
+    assert all(counts[f"R{i}"] == 1 for i in range(9))  # the large source is read once, nothing is shuffled away
+
+
+def test_to_global_arrays_shards_the_batch(tok):
+    it = make_lm_iterator({"dolly": dolly(20)}, tok, global_batch_size=8, process_index=0, process_count=1,
+                          lengths=LENGTHS)
+    batch = next(it)
+    mesh = jax.make_mesh((8,), ("data",))
+    out = to_global_arrays(batch, mesh, jax.sharding.PartitionSpec("data"))
+    assert out["input_ids"].shape == batch["input_ids"].shape and len(out["input_ids"].addressable_shards) == 8
+    assert out["input_ids"].sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(np.asarray(out["loss_weights"]), batch["loss_weights"])
+
+
+def test_bad_configuration_is_refused(tok):
+    sources = {"mimic": mimic(4), "dolly": dolly(4)}
+    with pytest.raises(ValueError, match="exactly once"):
+        make_lm_iterator(sources, tok, global_batch_size=2, process_index=0, process_count=1, weights={"mimic": 1})
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        make_lm_iterator(sources, tok, global_batch_size=4, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="largest bucket 512"):
+        make_lm_iterator(sources, tok, global_batch_size=2, process_index=0, process_count=1, lengths=(256, 512))
+    with pytest.raises(ValueError, match="keys among"):
+        make_lm_iterator({"reports": mimic(4)}, tok, global_batch_size=2, process_index=0, process_count=1)
+
+
+def test_reads_tfds_data_sources(tok, tmp_path):
+    """Built MIMIC and Dolly datasets (ArrayRecord by default) feed the pipeline through `tfds.data_source`."""
+    import tensorflow_datasets as tfds
+
+    from llmcxr_jax.data.dolly_builder import Dolly15k
+    from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
+    from mimic_fixture import write_mimic_tree
+    from test_data_dolly import write_jsonl
+
+    fx = write_mimic_tree(tmp_path / "mimic")
+    (tmp_path / "dolly").mkdir()
+    write_jsonl(tmp_path / "dolly" / "databricks-dolly-15k.jsonl")
+    for builder, manual in ((MimicCxrLlmcxr(config="stage1", data_dir=tmp_path / "data"), fx.root),
+                            (Dolly15k(data_dir=tmp_path / "data"), tmp_path / "dolly")):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    sources = {"mimic": tfds.data_source("mimic_cxr_llmcxr/stage1", data_dir=tmp_path / "data", split="validation"),
+               "dolly": tfds.data_source("dolly15k", data_dir=tmp_path / "data", split="validation")}
+    batches = list(make_eval_iterator(sources, tok, global_batch_size=8, process_index=0, process_count=1))
+    rows = [ids[ids > 0] for b in batches for ids in b["input_ids"][:b["num_real"]]]
+    images = [row for row in rows if (row >= tok.image_offset).any()]
+    assert len(rows) - len(images) == len(sources["dolly"])  # 200 Dolly records outweigh 7 images: read once
+    reports = [r["report"].decode() for r in sources["mimic"]]
+    texts = [tok.decode(row) for row in images]
+    assert all(any(report in text for text in texts) for report in reports)  # every image, recycled
+    assert all(any(report in text for report in reports) for text in texts)
+    assert abs(len(images) / len(rows) - 0.8) < 0.01
