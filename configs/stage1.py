@@ -27,8 +27,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.vqgan = ml_collections.ConfigDict(dict(num_codes=1024, grid=16, fingerprint=""))
     c.data = ml_collections.ConfigDict(dict(
         source="tfds",  # "tfds" (MIMIC/phantoms + Dolly from data_dir) or "synthetic"
-        data_dir="", mimic_builder="mimic_cxr_llmcxr/stage1", dolly_builder="dolly15k",
-        weights=(0.8, 0.2), lengths=(512, 1024, 1536, 2048), max_length=2048, seq_len=1024))
+        data_dir="", mimic_builder="mimic_cxr_llmcxr/stage1", vqa_builder="", dolly_builder="dolly15k",
+        image_weight=0.8, dolly_weight=0.2,  # SPEC §7: MIMIC (+VQA) 0.8, Dolly 0.2, Dolly recycled
+        lengths=(512, 1024, 1536, 2048), max_length=2048,
+        seq_len=1024))  # synthetic data and --dry_run only
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-6, schedule="log_warmup", warmup_steps=50, end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,

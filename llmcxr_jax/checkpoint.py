@@ -142,7 +142,8 @@ class TrainCheckpoints:
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        if not self._manager.save(step, args=args, force=True):
+            raise RuntimeError(f"{self.directory}: Orbax declined to write the checkpoint of step {step}")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),

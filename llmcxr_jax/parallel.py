@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -175,10 +176,13 @@ def initialize(cfg: Any) -> None:
     if cfg.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(cfg.local_device_ids).split(",")]
     where = cfg.coordinator_address if explicit else f"the {cluster} environment"
+    hint = (f"multi-host start-up ({where}, timeout {cfg.timeout_s}s) failed: not every process arrived. Check that "
+            "every process was started with the same coordinator address and process count, that process ids are "
+            "unique, and that the coordinator port is reachable.")
+    # JAX aborts the whole process (DEADLINE_EXCEEDED) when peers do not arrive, so say what to check first.
+    print(f"[llmcxr_jax] joining {int(cfg.num_processes) if explicit else 'the'} processes via {where}; if this "
+          f"aborts with DEADLINE_EXCEEDED: {hint}", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs)
-    except Exception as e:  # jax raises XlaRuntimeError (DEADLINE_EXCEEDED etc.) when peers do not arrive
-        raise RuntimeError(
-            f"multi-host start-up failed ({where}, timeout {cfg.timeout_s}s): {e}. Check that every process was "
-            "started with the same coordinator address and process count, that process ids are unique, and that "
-            "the coordinator port is reachable.") from e
+    except Exception as e:  # errors that JAX raises instead of aborting
+        raise RuntimeError(f"{hint} ({e})") from e

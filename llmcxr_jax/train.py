@@ -51,26 +51,94 @@ def token_metadata(config: Any) -> dict[str, Any]:
     """Token layout and VQ-GAN identity that checkpoints record and later stages and the sampler check."""
     if config.data.source == "synthetic":
         return {"image_offset": config.model.vocab_size, "token_layout": {"synthetic": config.model.vocab_size}}
-    from llmcxr_jax.tokenizer import LlmCxrTokenizer
-
-    tokenizer = LlmCxrTokenizer.from_pretrained(config.tokenizer or None, num_image_codes=config.vqgan.num_codes)
+    tokenizer = load_tokenizer(config)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
                          f"ids ({tokenizer.text_vocab_size} text + {config.vqgan.num_codes} image codes)")
     return {"image_offset": tokenizer.image_offset, "token_layout": dataclasses.asdict(tokenizer.layout),
-            "vqgan_fingerprint": config.vqgan.fingerprint, "vqgan_grid": config.vqgan.grid}
+            "vqgan_grid": config.vqgan.grid}
 
 
-def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None]:
-    """The training iterator and, when known, the number of steps in one epoch."""
+def load_tokenizer(config: Any):
+    from llmcxr_jax.tokenizer import LlmCxrTokenizer
+
+    return LlmCxrTokenizer.from_pretrained(config.tokenizer or None, num_image_codes=config.vqgan.num_codes)
+
+
+SPLITS = {"train": "train", "validation": "validation"}
+
+
+def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
+    """Random-access sources by kind for one split, and the VQ-GAN fingerprint their codes were made with."""
+    import tensorflow_datasets as tfds
+
+    from llmcxr_jax.data.mimic_codes import require_vqgan
+
+    names = {"mimic": config.data.mimic_builder, "vqa": config.data.vqa_builder, "dolly": config.data.dolly_builder}
+    sources, fingerprint = {}, ""
+    for kind, name in names.items():
+        if not name:
+            continue
+        try:
+            builder = tfds.builder(name, data_dir=config.data.data_dir or None)
+            sources[kind] = builder.as_data_source(split=SPLITS[split])
+        except Exception as e:  # TFDS raises several types for a dataset that was never prepared
+            raise FileNotFoundError(f"data: cannot open {name!r} ({split}) in data_dir {config.data.data_dir!r}: "
+                                    f"{e}. Build it first (see README, 'Preparing data').") from None
+        if kind in ("mimic", "vqa"):
+            recorded = builder.info.metadata["vqgan"]
+            grid = (config.vqgan.grid, config.vqgan.grid)
+            require_vqgan(recorded, name, fingerprint=config.vqgan.fingerprint or None, grid=grid)
+            fingerprint = recorded["fingerprint"]
+    if not sources:
+        raise ValueError("data: no sources; set data.mimic_builder, data.vqa_builder and/or data.dolly_builder")
+    return sources, fingerprint
+
+
+def _weights(config: Any, kinds: list[str]) -> dict[str, float]:
+    image_group = "+".join(k for k in ("mimic", "vqa") if k in kinds)
+    weights = {image_group: config.data.image_weight} if image_group else {}
+    if "dolly" in kinds:
+        weights["dolly"] = config.data.dolly_weight
+    return weights
+
+
+def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None, str]:
+    """The training iterator, the number of steps in one epoch when known, and the codes' VQ-GAN fingerprint."""
     if config.data.source == "synthetic":
         from llmcxr_jax.data.synthetic import SyntheticBatches
 
         it = SyntheticBatches(global_batch_size=config.train.global_batch_size, seq_len=config.data.seq_len,
                               vocab_size=config.model.vocab_size, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
-        return it, None
-    raise ValueError(f"data.source {config.data.source!r} is not available yet; use 'synthetic'")
+        return it, None, ""
+    if config.data.source != "tfds":
+        raise ValueError(f"data.source {config.data.source!r} is unknown; expected 'tfds' or 'synthetic'")
+    from llmcxr_jax.data.pipeline import make_lm_iterator
+
+    sources, fingerprint = tfds_sources(config, "train")
+    it = make_lm_iterator(sources, load_tokenizer(config), global_batch_size=config.train.global_batch_size,
+                          seed=config.seed, weights=_weights(config, list(sources)), lengths=config.data.lengths,
+                          max_length=config.data.max_length)
+    return it, it.batches_per_epoch, fingerprint
+
+
+def make_eval_data(config: Any, batch_keys: Any):
+    """A function returning a fresh one-pass validation iterator (only the arrays the step takes), or None."""
+    if config.data.source != "tfds" or not config.train.eval_every:
+        return None
+    from llmcxr_jax.data.pipeline import make_eval_iterator
+
+    sources, _ = tfds_sources(config, "validation")
+    tokenizer = load_tokenizer(config)
+
+    def fresh():
+        it = make_eval_iterator(sources, tokenizer, global_batch_size=config.train.global_batch_size,
+                                seed=config.seed, weights=_weights(config, list(sources)),
+                                lengths=config.data.lengths, max_length=config.data.max_length)
+        return ({k: batch[k] for k in batch_keys} for batch in it)
+
+    return fresh
 
 
 def total_steps(config: Any, steps_per_epoch: int | None) -> int:
@@ -127,8 +195,8 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     mesh = topology_mesh(topology, config.mesh.shape) if topology else parallel.make_mesh(config.mesh.shape)
     rules = parallel.DEFAULT_RULES
     check_config(config, mesh)
-    metadata = {"stage": config.stage, **token_metadata(config)}
-    train_iter, steps_per_epoch = make_train_data(config)
+    train_iter, steps_per_epoch, fingerprint = make_train_data(config)
+    metadata = {"stage": config.stage, **token_metadata(config), "vqgan_fingerprint": fingerprint}
     steps = total_steps(config, steps_per_epoch)
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
@@ -137,7 +205,8 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
         total_steps=steps, log_every=config.train.log_every, eval_every=config.train.eval_every,
         checkpoint_every=config.train.checkpoint_every, keep_checkpoints=config.train.keep_checkpoints,
         async_checkpoints=config.train.async_checkpoints, progress=config.train.progress)
-    return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter)
+    return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter,
+                         eval_iter_fn=make_eval_data(config, task.batch_axes))
 
 
 def main(argv: list[str]) -> None:

@@ -189,8 +189,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM: saved a checkpoint at step" in out
-    steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(steps) == 1 and 0 < steps[0] < 100000
+    entries = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
+    steps = [int(name) for name in entries if name.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 100000, (entries, out[-3000:])
 
 
 def test_non_finite_loss_stops_with_step_and_batch(tmp_path):

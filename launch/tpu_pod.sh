@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU pod slice: run the same command on every worker; jax.distributed finds its peers
+# through the TPU environment (llmcxr_jax.parallel.initialize), and each host reads its own slice of the data.
+#
+#   TPU=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/runs/stage1 DATA_DIR=gs://bucket/tfds \
+#     bash launch/tpu_pod.sh --config configs/stage1.py --config.init.hf_dir=/mnt/dolly-v2-3b
+#
+# The repository must already be on every worker (e.g. `gcloud ... ssh --worker=all --command "git clone ..."`)
+# with `pip install -e '.[data,tpu]'` done there. Extra arguments go to llmcxr_jax.train.
+set -euo pipefail
+: "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
+REPO_DIR=${REPO_DIR:-llmcxr-jax}
+ARGS=$(printf ' %q' "$@")
+DATA_FLAG=${DATA_DIR:+--config.data.data_dir=$DATA_DIR}
+gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
+  "cd $REPO_DIR && JAX_PLATFORMS=tpu python -m llmcxr_jax.train --workdir $WORKDIR $DATA_FLAG $ARGS"

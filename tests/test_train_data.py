@@ -1,0 +1,55 @@
+"""The train CLI on the real data path: a MIMIC-shaped fixture built by the TFDS builder, read through Grain."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
+from llmcxr_jax.tokenizer import LlmCxrTokenizer
+from mimic_fixture import FINGERPRINT, NUM_CODES, write_mimic_tree
+from train_helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mimic")
+    fx = write_mimic_tree(root / "manual")
+    builder = MimicCxrLlmcxr(config="stage1", data_dir=root / "tfds", file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=fx.root))
+    texts = [p.read_text() for p in (fx.root / "reports").rglob("*.txt")]
+    tokenizer = LlmCxrTokenizer.train_small(texts * 4, vocab_size=400, num_image_codes=NUM_CODES)
+    tokenizer.save(root / "tokenizer")
+    return root, tokenizer
+
+
+def _train(root, tokenizer, workdir, *extra):
+    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(ROOT / "configs/stage1.py:tiny"),
+           "--workdir", str(workdir), "--config.data.source=tfds", f"--config.data.data_dir={root / 'tfds'}",
+           "--config.data.dolly_builder=", f"--config.tokenizer={root / 'tokenizer'}",
+           f"--config.model.vocab_size={tokenizer.vocab_size}", "--config.model.max_position_embeddings=512",
+           "--config.data.lengths=(512,)", "--config.data.max_length=512", "--config.train.global_batch_size=4",
+           "--config.train.num_steps=2", "--config.train.eval_every=2", *extra]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_trains_and_evaluates_on_the_built_dataset(prepared, tmp_path):
+    root, tokenizer = prepared
+    out = _train(root, tokenizer, tmp_path / "w")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "[eval] step 2: loss=" in out.stdout
+    meta = json.loads((tmp_path / "w" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["vqgan_fingerprint"] == FINGERPRINT
+    assert meta["token_layout"]["text_vocab_size"] == tokenizer.text_vocab_size
+
+
+def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
+    root, tokenizer = prepared
+    out = _train(root, tokenizer, tmp_path / "w", "--config.vqgan.fingerprint=some-other-vqgan")
+    assert out.returncode != 0
+    assert "but some-other-vqgan was asked for" in out.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()

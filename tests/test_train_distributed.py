@@ -1,0 +1,77 @@
+"""Multi-process training on one machine, and dry-run compilation for this mesh and for absent TPU pods."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train_helpers import ROOT, load_config, mesh_of, params_of, run_steps
+
+TINY = str(ROOT / "configs/stage1.py:tiny")
+
+
+def _env(devices: int) -> dict[str, str]:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+def test_two_local_processes_train_like_one(tmp_path):
+    common = ["--config", TINY, "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
+              "--config.optim.lr=1e-4"]
+    launch = subprocess.run([sys.executable, str(ROOT / "launch/local.py"), "--num_processes", "2",
+                             "--devices_per_process", "4", "--", *common, "--workdir", str(tmp_path / "multi")],
+                            cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "llmcxr_jax.train", *common, "--workdir", str(tmp_path / "one")],
+                            cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    config = load_config("stage1")
+    config.optim.lr = 1e-4
+    mesh = mesh_of((1, 8, 1))
+    multi, one = (params_of(run_steps(config, mesh, tmp_path / w, 2)[1]) for w in ("multi", "one"))
+    # Adam turns reduction-order noise in near-zero gradients into up to a few % of one lr step.
+    for key, value in one.items():
+        np.testing.assert_allclose(multi[key], value, atol=3e-6, rtol=1e-5, err_msg=key)
+
+
+def _dry_run(extra, devices=8, timeout=600):
+    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(ROOT / "configs/stage1.py"), "--dry_run",
+           "--config.data.source=synthetic", "--config.train.num_steps=1", *extra]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def _gib(text, key):
+    return float(re.search(rf"{key}:\s+([0-9.]+) GiB", text).group(1))
+
+
+def test_dry_run_of_the_full_model_on_8_fake_devices_shards_state_to_an_eighth():
+    out = _dry_run([])
+    total = _gib(out, "parameters \\+ optimizer state")
+    assert 30 < total < 32  # 2.78B fp32 params + two fp32 Adam moments
+    assert _gib(out, "per device       arguments") <= total / 8 * 1.05
+    assert "not a guarantee for a GPU" in out
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x2", "v5p:4x4x4"])
+def test_full_model_compiles_ahead_of_time_for_tpu_pods(topology):
+    chips = int(np.prod([int(x) for x in topology.split(":")[1].split("x")]))
+    out = _dry_run(["--topology", topology, f"--config.train.global_batch_size={chips * 2}"], devices=1)
+    assert f"compiled for {chips} tpu devices" in out
+
+
+def test_missing_peers_are_explained(tmp_path):
+    code = ("import types; from llmcxr_jax import parallel; parallel.initialize(types.SimpleNamespace("
+            "coordinator_address='127.0.0.1:%d', num_processes=2, process_id=0, local_device_ids='', timeout_s=2))")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-c", code % port], cwd=ROOT, env=_env(1), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "not every process arrived" in out.stderr and "same coordinator address" in out.stderr
