@@ -53,3 +53,14 @@ def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
     assert out.returncode != 0
     assert "but some-other-vqgan was asked for" in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_build_cli_prepares_the_mimic_configs(tmp_path, capsys):
+    from llmcxr_jax.data import build
+
+    fx = write_mimic_tree(tmp_path / "manual")
+    build.main(["mimic", "--manual_dir", str(fx.root), "--data_dir", str(tmp_path / "tfds")])
+    out = capsys.readouterr().out
+    assert "built mimic_cxr_llmcxr/stage1" in out and "built mimic_cxr_llmcxr/stage2" in out
+    source = tfds.data_source("mimic_cxr_llmcxr/stage2", data_dir=tmp_path / "tfds", split="train")
+    assert len(source) > 0

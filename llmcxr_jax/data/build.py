@@ -1,0 +1,52 @@
+"""Build the TFDS datasets from local files: `python -m llmcxr_jax.data.build KIND --manual_dir M --data_dir D`.
+
+KIND is `mimic` (configs stage1 and stage2), `vqa`, `dolly` or `phantoms` (no manual files; `--config demo64`).
+Nothing is downloaded; a missing manual file is named with where to get it. Prints the skip counts of the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import tensorflow_datasets as tfds
+
+BUILDERS = {
+    "mimic": ("llmcxr_jax.data.mimic_builder", "MimicCxrLlmcxr", ("stage1", "stage2")),
+    "vqa": ("llmcxr_jax.data.mimic_builder", "MimicCxrVqaLlmcxr", ("default",)),
+    "dolly": ("llmcxr_jax.data.dolly_builder", "Dolly15k", (None,)),
+    "phantoms": ("llmcxr_jax.data.cxr_phantoms_builder", "CxrPhantoms", ("demo64",)),
+}
+
+
+def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | None]) -> dict:
+    """Prepare each config of one builder; returns {config: metadata counts} for the report."""
+    import importlib
+
+    module, cls_name, _ = BUILDERS[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    download = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    report = {}
+    for name in configs:
+        builder = cls(config=name, data_dir=data_dir) if name else cls(data_dir=data_dir)
+        builder.download_and_prepare(download_config=download)
+        report[name or "default"] = builder.info.metadata.get("counts", {}) if builder.info.metadata else {}
+        print(f"built {builder.info.full_name} in {data_dir}: "
+              f"{ {s: v.num_examples for s, v in builder.info.splits.items()} }")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llmcxr_jax.data.build", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=sorted(BUILDERS))
+    parser.add_argument("--data_dir", required=True, help="where the ArrayRecord datasets go")
+    parser.add_argument("--manual_dir", help="the local source files (not needed for phantoms)")
+    parser.add_argument("--config", action="append", help="builder config(s); default: all of this kind")
+    args = parser.parse_args(argv)
+    configs = args.config or list(BUILDERS[args.kind][2])
+    counts = build(args.kind, args.data_dir, args.manual_dir, configs)
+    print(json.dumps({"skipped_and_kept": counts}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
