@@ -36,7 +36,7 @@ class PlannedRecord:
     direction: str
 
 
-class _Reports:
+class ReportCache:
     """Parsed report text per study (`None` + reason when unusable), read once for all images of the study."""
 
     def __init__(self, reports_root: Path, stage: int):
@@ -69,7 +69,7 @@ def plan_split(rows: Sequence[ImageRow], metadata: Mapping[str, ImageMeta], code
     `selection` is None for stage 1 (all views); for stage 2 it holds the selected dicom_ids.
     """
     counts = collections.Counter({reason: 0 for reason in ("kept", *SKIP_REASONS)})
-    reports = _Reports(reports_root, stage)
+    reports = ReportCache(reports_root, stage)
     usable = sorted((r for r in rows if r.dicom_id not in codes.invalid), key=lambda r: r.dicom_id)
     counts["invalid_codes"] = len(rows) - len(usable)
     planned = []

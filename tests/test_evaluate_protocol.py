@@ -1,0 +1,275 @@
+"""The MIMIC-CXR evaluation protocol runner (SPEC §14) on a MIMIC-shaped fixture tree, with a scripted sampler.
+
+These are protocol-runner tests: they check selection, skipping and its counts, sharding, record fields, resumption
+and the result files. The sampler is a deterministic stand-in whose outputs spell out what it was given (codes,
+seed, instruction, token budget), so the tests can check what the runner asked for; no model is involved.
+Expectations come from the fixture's description (tests/mimic_fixture.py) and SPEC §5/§14, not from the runner.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from llmcxr_jax import evaluate
+from llmcxr_jax.evaluate import (EvalInputError, read_eval_ids, read_results, results_path, run_mimic_protocol,
+                                 select_mimic_eval, write_results_pickle)
+from llmcxr_jax.prompts import CXR_VQ_OUTPUT_INSTRUCTION_LIST, choose_instruction
+from mimic_fixture import GRID, write_mimic_tree
+from vqgan_flax.safe_pickle import restricted_load
+
+SEED = 42
+KEEP_TRAIN = ("10000000", "11000001")  # subjects left in `train`; every other image is moved to `test`
+
+
+class ScriptedSampler:
+    """Implements evaluate.EvalSampler. Each output encodes its inputs; `fail_after` raises once that many reports
+    have been generated (an interruption in the middle of the next record)."""
+
+    def __init__(self, fail_after: int | None = None, no_image_for: frozenset[str] = frozenset()):
+        self.fail_after, self.no_image_for = fail_after, no_image_for
+        self.reports_done = 0
+        self.report_inputs: list[int] = []  # code sums of the images it was asked to describe
+
+    def cxr_to_report(self, codes, *, seed, instructions, max_new_tokens):
+        if self.fail_after is not None and self.reports_done >= self.fail_after:
+            raise RuntimeError("interrupted")
+        self.reports_done += len(codes)
+        self.report_inputs += [int(c.sum()) for c in codes]
+        return [json.dumps({"codes_sum": int(c.sum()), "shape": list(c.shape), "seed": seed, "instruction": i,
+                            "max_new_tokens": max_new_tokens}) for c, i in zip(codes, instructions)]
+
+    def report_to_cxr(self, reports, *, seed, instructions, max_new_tokens):
+        def image(report, instruction):
+            if report in self.no_image_for:
+                return None
+            return np.asarray([len(report), CXR_VQ_OUTPUT_INSTRUCTION_LIST.index(instruction), max_new_tokens,
+                               seed % 1024] + [7] * (GRID[0] * GRID[1] - 4)).reshape(GRID)
+        return [image(r, i) for r, i in zip(reports, instructions)]
+
+
+def _never():
+    raise AssertionError("the sampler must not be built when nothing is left to generate")
+
+
+def _move_to_test(fx):
+    """Rewrite the split CSV so every image outside KEEP_TRAIN is in `test`: the fixture has only a few
+    validate/test frontal images, too few to exercise skipping and sharding. Returns the updated description."""
+    images = tuple(i if i.study.subject_id in KEEP_TRAIN else dataclasses.replace(i, split="test")
+                   for i in fx.images)
+    with (fx.root / "mimic-cxr-2.0.0-split.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dicom_id", "study_id", "subject_id", "split"])
+        writer.writerows([i.dicom_id, i.study.study_id, i.study.subject_id, i.split] for i in images)
+    return dataclasses.replace(fx, images=images)
+
+
+def _eval_ids(fx):
+    """Every 4th image left out, plus an id that is not in MIMIC at all."""
+    return frozenset(i.dicom_id for n, i in enumerate(fx.images) if n % 4 != 3) | {"not-a-dicom-id"}
+
+
+def _expected(fx, eval_ids):
+    """SPEC §14 on the description: (kept images in dicom_id order, counts by skip reason)."""
+    chosen = sorted((i for i in fx.images if i.split in ("validate", "test") and i.view in ("PA", "AP")
+                     and i.dicom_id in eval_ids), key=lambda i: i.dicom_id)
+    counts = {"eval_ids": len(eval_ids), "eval_ids_not_pa_ap_validate_test": len(eval_ids) - len(chosen),
+              "no_report": 0, "parse_failure": 0, "invalid_codes": 0, "no_codes": 0}
+    kept = []
+    for image in chosen:
+        if image.study.report == "missing":
+            counts["no_report"] += 1
+        elif image.study.report not in ("findings_impression", "impression_only"):
+            counts["parse_failure"] += 1
+        elif image.codes == "missing" or (image.codes != "valid" and fx.codes_format == "dir"):
+            counts["no_codes"] += 1  # a codes directory holds only valid codes
+        elif image.codes != "valid":
+            counts["invalid_codes"] += 1
+        else:
+            kept.append(image)
+    return kept, {**counts, "selected": len(kept)}
+
+
+@pytest.fixture(params=["pickle", "dir"])
+def tree(request, tmp_path):
+    fx = _move_to_test(write_mimic_tree(tmp_path / "mimic", codes_format=request.param))
+    eval_ids = _eval_ids(fx)
+    ids_file = tmp_path / "eval_dicom_ids.pickle"
+    ids_file.write_bytes(pickle.dumps(sorted(eval_ids)))
+    selection = select_mimic_eval(fx.root, fx.codes_path, read_eval_ids(ids_file))
+    return fx, eval_ids, ids_file, selection
+
+
+def _run(selection, out, sampler=None, **kw):
+    return run_mimic_protocol(selection, lambda: sampler or ScriptedSampler(), out, seed=SEED, **kw)
+
+
+def test_protocol_runner_selection_follows_spec(tree):
+    fx, eval_ids, _, selection = tree
+    kept, counts = _expected(fx, eval_ids)
+    assert [i.dicom_id for i in selection.items] == [i.dicom_id for i in kept]
+    assert dict(selection.counts) == counts
+    reasons = ("no_report", "parse_failure", "no_codes") + (("invalid_codes",) if fx.codes_format == "pickle" else ())
+    assert all(counts[reason] > 0 for reason in reasons)  # the fixture exercises every skip reason
+    for item, image in zip(selection.items, kept):
+        assert item.subject_id == image.study.subject_id
+        assert item.report == image.study.impression  # IMPRESSION only, normalised
+        assert item.codes.reshape(-1).tolist() == image.code_values()
+
+
+def test_protocol_runner_unmodified_fixture_keeps_only_validate_test_frontal(tmp_path):
+    fx = write_mimic_tree(tmp_path / "mimic", codes_format="pickle")
+    everything = frozenset(i.dicom_id for i in fx.images)
+    selection = select_mimic_eval(fx.root, fx.codes_path, everything)
+    kept, counts = _expected(fx, everything)
+    assert [i.dicom_id for i in selection.items] == [i.dicom_id for i in kept] and len(kept) >= 2
+    assert all(i.split in ("validate", "test") for i in kept)
+    assert dict(selection.counts) == counts
+
+
+def test_protocol_runner_records_have_the_original_fields(tree, tmp_path):
+    fx, eval_ids, _, selection = tree
+    kept, _ = _expected(fx, eval_ids)
+    no_image = frozenset({kept[1].study.impression})
+    summary = _run(selection, tmp_path / "out", ScriptedSampler(no_image_for=no_image))
+    records = read_results(summary.path)
+    assert summary.path.name == "llm-cxr__eval_results_0_1.jsonl"
+    assert (summary.shard, summary.resumed, summary.written) == (len(kept), 0, len(kept))
+    seeds = set()
+    for record, image in zip(records, kept, strict=True):
+        assert list(record) == ["dicom_id", "subject_id", "raw_report", "raw_image", "gen_report", "gen_image"]
+        assert record["dicom_id"] == image.dicom_id and record["subject_id"] == image.study.subject_id
+        assert record["raw_report"] == image.study.impression
+        assert record["raw_image"] == [c + 50281 for c in image.code_values()]  # shifted ids, SPEC §6
+        asked = json.loads(record["gen_report"])  # what the sampler was given for CXR→report
+        assert asked["codes_sum"] == sum(image.code_values()) and asked["shape"] == list(GRID)
+        assert asked["instruction"] == choose_instruction(SEED, image.dicom_id, "cxr2report")
+        assert asked["max_new_tokens"] == 128
+        seeds.add(asked["seed"])
+        if image.study.impression in no_image:
+            assert record["gen_image"] is None
+        else:  # what it was given for report→CXR, as codes (not shifted)
+            instruction = choose_instruction(SEED, image.dicom_id, "report2cxr")
+            assert record["gen_image"][:4] == [len(image.study.impression),
+                                               CXR_VQ_OUTPUT_INSTRUCTION_LIST.index(instruction), 300,
+                                               asked["seed"] % 1024]
+            assert len(record["gen_image"]) == GRID[0] * GRID[1]
+    assert len(seeds) == len(kept)  # one sampling seed per image
+
+
+def test_protocol_runner_shards_are_disjoint_and_complete(tree, tmp_path):
+    _, _, _, selection = tree
+    whole = {r["dicom_id"]: r for r in read_results(_run(selection, tmp_path / "whole").path)}
+    world = 3
+    seen: list[str] = []
+    for rank in range(world):
+        summary = _run(selection, tmp_path / "sharded", rank=rank, world=world)
+        assert summary.path.name == f"llm-cxr__eval_results_{rank}_{world}.jsonl"
+        records = read_results(summary.path)
+        assert [r["dicom_id"] for r in records] == [i.dicom_id for i in selection.items[rank::world]]
+        assert all(r == whole[r["dicom_id"]] for r in records)  # outputs do not depend on the sharding
+        seen += [r["dicom_id"] for r in records]
+    assert sorted(seen) == sorted(whole) and len(seen) == len(set(seen))
+
+
+def test_protocol_runner_resumes_without_repeating_finished_ids(tree, tmp_path):
+    _, _, _, selection = tree
+    reference = _run(selection, tmp_path / "uninterrupted").path.read_bytes()
+    out, k = tmp_path / "interrupted", 3
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(selection, out, ScriptedSampler(fail_after=k))
+    path = results_path(out, 0, 1)
+    assert [r["dicom_id"] for r in read_results(path)] == [i.dicom_id for i in selection.items[:k]]
+    again = ScriptedSampler()
+    summary = _run(selection, out, again)
+    assert (summary.resumed, summary.written) == (k, len(selection.items) - k)
+    assert again.report_inputs == [int(i.codes.sum()) for i in selection.items[k:]]  # only the unfinished ones
+    assert path.read_bytes() == reference
+
+
+def test_protocol_runner_resume_drops_a_torn_last_line(tree, tmp_path):
+    _, _, _, selection = tree
+    path = _run(selection, tmp_path / "out").path
+    complete = path.read_bytes()
+    path.write_bytes(complete[:-25])  # killed while writing the last record
+    again = ScriptedSampler()
+    _run(selection, tmp_path / "out", again)
+    assert again.reports_done == 1 and path.read_bytes() == complete
+
+
+def test_protocol_runner_finished_shard_does_not_build_the_sampler(tree, tmp_path):
+    _, _, _, selection = tree
+    _run(selection, tmp_path / "out")
+    summary = run_mimic_protocol(selection, _never, tmp_path / "out", seed=SEED)
+    assert (summary.resumed, summary.written) == (len(selection.items), 0)
+
+
+def test_protocol_runner_refuses_to_mix_runs(tree, tmp_path):
+    _, _, _, selection = tree
+    _run(selection, tmp_path / "out")
+    with pytest.raises(EvalInputError, match="seed: 42 there, 7 now"):
+        run_mimic_protocol(selection, _never, tmp_path / "out", seed=7)
+    foreign = dataclasses.replace(selection, items=selection.items[1:])
+    with pytest.raises(EvalInputError, match="not in this rank's share"):
+        run_mimic_protocol(foreign, _never, tmp_path / "out", seed=SEED)
+
+
+def test_protocol_runner_writes_the_original_pickle(tree, tmp_path):
+    fx, eval_ids, _, selection = tree
+    kept, _ = _expected(fx, eval_ids)
+    summary = _run(selection, tmp_path / "out", ScriptedSampler(no_image_for=frozenset({kept[0].study.impression})))
+    assert summary.pickle_path.name == "llm-cxr__eval_results_0_1.pickle"
+    with summary.pickle_path.open("rb") as f:  # readable with every global refused: plain data only
+        loaded = restricted_load(f, str(summary.pickle_path), {}, "plain data")
+    assert loaded == read_results(summary.path) and loaded[0]["gen_image"] is None
+    with pytest.raises(ValueError, match="non-plain values"):
+        write_results_pickle([{"raw_image": np.arange(3)}], tmp_path / "bad.pickle")
+    assert not (tmp_path / "bad.pickle").exists()
+
+
+def test_eval_ids_reader_accepts_lists_and_dicts_and_explains_sets(tmp_path):
+    ids = ["b-1", "a-2"]
+    for name, obj in (("list", ids), ("dict", dict.fromkeys(ids, 1))):
+        (tmp_path / name).write_bytes(pickle.dumps(obj))
+        assert read_eval_ids(tmp_path / name) == frozenset(ids)
+    (tmp_path / "set").write_bytes(pickle.dumps(set(ids)))
+    with pytest.raises(EvalInputError, match="pickle.dump\\(sorted"):
+        read_eval_ids(tmp_path / "set")
+
+
+def test_cli_mimic_runs_the_protocol(tree, tmp_path, monkeypatch, capsys):
+    fx, eval_ids, ids_file, selection = tree
+    built = []
+    monkeypatch.setattr(evaluate, "_load_sampler",
+                        lambda args: built.append((args.checkpoint, args.vqgan)) or ScriptedSampler())
+    evaluate.main(["mimic", "--checkpoint", "CKPT", "--vqgan", "VQ", "--manual_dir", str(fx.root), "--eval_ids",
+                   str(ids_file), "--out", str(tmp_path / "out"), "--rank", "1", "--world", "2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert built == [("CKPT", "VQ")]  # default codes path found in the manual directory
+    assert printed["selection"] == dict(selection.counts) and printed["written"] == len(selection.items[1::2])
+    assert [r["dicom_id"] for r in read_results(printed["results"])] == [i.dicom_id for i in selection.items[1::2]]
+
+
+def test_cli_reports_scores_result_files(tmp_path, capsys):
+    refs = ["No acute cardiopulmonary process.", "Small left pleural effusion.", "Right pneumothorax."]
+    gens = ["No acute cardiopulmonary process.", "Small left pleural effusion.", "No pneumothorax."]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps({"dicom_id": f"d{n}", "subject_id": "1", "raw_report": r, "raw_image": [],
+                                        "gen_report": g, "gen_image": None}) + "\n"
+                            for n, (r, g) in enumerate(zip(refs, gens))))
+    evaluate.main(["reports", "--generated", str(path)])
+    printed = json.loads(capsys.readouterr().out)
+    # ROUGE-L F per pair: 1, 1 and LCS "pneumothorax" of 2 tokens each = 1/2; the labeler reads pneumothorax_right
+    # in the last reference only (missed), and no_finding wrongly in its generated text.
+    assert printed["n"] == 3 and printed["rougeL"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert printed["labels/micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    evaluate.main(["reports", "--generated", str(path), "--labeler", "none"])
+    assert not any(k.startswith("labels/") for k in json.loads(capsys.readouterr().out))
+    other = tmp_path / "refs.jsonl"
+    other.write_text(json.dumps({"dicom_id": "d0", "text": refs[0]}) + "\n")
+    with pytest.raises(EvalInputError, match="have no reference"):
+        evaluate.main(["reports", "--generated", str(path), "--reference", str(other), "--reference_key", "text"])
