@@ -56,7 +56,7 @@ def token_metadata(config: Any) -> dict[str, Any]:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
                          f"ids ({tokenizer.text_vocab_size} text + {config.vqgan.num_codes} image codes)")
     return {"image_offset": tokenizer.image_offset, "token_layout": dataclasses.asdict(tokenizer.layout),
-            "vqgan_grid": config.vqgan.grid}
+            "vqgan_grid": [config.vqgan.grid, config.vqgan.grid]}
 
 
 def load_tokenizer(config: Any):
@@ -201,6 +201,8 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
         return dry_run(task, config, mesh, rules)
+    if config.data.source != "synthetic" and jax.process_index() == 0:
+        load_tokenizer(config).save(workdir)  # the sampler reads the workdir's tokenizer.json
     loop = trainer.LoopConfig(
         total_steps=steps, log_every=config.train.log_every, eval_every=config.train.eval_every,
         checkpoint_every=config.train.checkpoint_every, keep_checkpoints=config.train.keep_checkpoints,

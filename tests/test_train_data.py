@@ -45,6 +45,7 @@ def test_trains_and_evaluates_on_the_built_dataset(prepared, tmp_path):
     meta = json.loads((tmp_path / "w" / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["vqgan_fingerprint"] == FINGERPRINT
     assert meta["token_layout"]["text_vocab_size"] == tokenizer.text_vocab_size
+    assert LlmCxrTokenizer.from_pretrained(tmp_path / "w").layout == tokenizer.layout  # saved for the sampler
 
 
 def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
