@@ -29,6 +29,23 @@ flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memor
 flags.DEFINE_string("topology", "", "with --dry_run: compile for a TPU topology such as v5p:4x4x4 (needs libtpu)")
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(spec: str) -> Any:
+    """`configs/stage1.py:demo` (or `stage1:demo`, found in the repository's configs/) → its ConfigDict."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    file = Path(path) if path.endswith(".py") else CONFIG_DIR / f"{path}.py"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such config file")
+    module_spec = importlib.util.spec_from_file_location(f"llmcxr_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     """Errors a user can cause, caught before anything is compiled."""
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -45,8 +45,10 @@ def _spec_strings() -> list[str]:
 # ---- strings (SPEC §3, §4) ----------------------------------------------------------------------------------
 
 def test_strings_match_spec_file():
+    """Byte-exact against SPEC.md where it sits beside the checkout (CI); the digest test guards it elsewhere."""
+    assert hashlib.sha256("\x00".join(_spec_strings()).encode()).hexdigest() == SPEC_STRINGS_SHA256
     if not SPEC.is_file():
-        pytest.skip(f"{SPEC} not present")
+        return
     spec = SPEC.read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `(PROMPT_\w+)` \| `(.+)` \|$", spec, flags=re.M))
     for name, template in rows.items():
@@ -112,7 +114,7 @@ def test_example_matches_hand_derived_ids(tok, direction):
 
 @pytest.mark.parametrize("direction", sorted(CASES))
 def test_expected_files_match_hand_derivation(direction):
-    test_tokenizer = pytest.importorskip("test_tokenizer")
+    import test_tokenizer
     assert _expected_by_hand(test_tokenizer.build_hf_reference(), direction) == _load(direction)
 
 

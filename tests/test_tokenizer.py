@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import transformers
 from tokenizers import AddedToken, Tokenizer
 
 from llmcxr_jax.tokenizer import (LAYOUT_FILE, SPECIAL_KEYS, LlmCxrTokenizer, TokenizerLayoutError)
-
-transformers = pytest.importorskip("transformers")
 
 PACKAGED = importlib.resources.files("llmcxr_jax").joinpath("assets", "gpt-neox-20b-tokenizer.json")
 DOLLY_KEYS = ["### End", "### Instruction:", "### Response:"]

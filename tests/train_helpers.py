@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
-from llmcxr_jax import lm_task, parallel, trainer
+from llmcxr_jax import lm_task, parallel, train, trainer
 from llmcxr_jax.data.synthetic import SyntheticBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, variant: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return train.load_config(f"{name}:{variant}")
 
 
 def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
