@@ -105,7 +105,7 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
         (loss, stats, grads), _ = jax.lax.scan(accumulate, zeros, xs)
     lr = schedule(state.optimizer.step[...])
     state.optimizer.update(state.model, grads)
-    return {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr, **stats}
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, **stats}
 
 
 def eval_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig) -> dict[str, jax.Array]:
