@@ -37,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         weight_decay=0.0, clip_norm=1.0, mu_dtype=""))
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=16, micro_batches=1, num_epochs=5, num_steps=0, loss_mode="global", loss_group_size=2,
+        loss_chunk=256,  # positions per chunk of LM head + cross-entropy; 0 = whole sequence at once
         log_every=50, eval_every=1500, checkpoint_every=1000, keep_checkpoints=5, async_checkpoints=True,
         peak_flops_per_device=0.0, progress=True))
     c.distributed = ml_collections.ConfigDict(dict(
@@ -48,12 +49,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.update(source="synthetic", seq_len=32)
         c.optim.update(lr=3e-3, schedule="constant")
         c.train.update(global_batch_size=8, num_steps=6, log_every=2, eval_every=0, checkpoint_every=3,
-                       async_checkpoints=False, progress=False)
+                       async_checkpoints=False, progress=False, loss_chunk=8)
     elif arg == "demo":
+        # The phantom demo (python -m llmcxr_jax.demo fills in data_dir, tokenizer, vocab_size, vqgan and steps).
         c.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                        max_position_embeddings=512, dtype="float32", remat_policy="none")
+        c.data.update(dolly_builder="", lengths=(128, 256), max_length=256)
+        c.vqgan.update(grid=8, num_codes=256)
         c.optim.update(lr=1e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1)
-        c.train.update(global_batch_size=8, log_every=10, eval_every=0, checkpoint_every=200)
+        c.train.update(global_batch_size=16, num_steps=500, log_every=25, eval_every=0, checkpoint_every=250,
+                       async_checkpoints=False, loss_chunk=0)
     elif arg:
         raise ValueError(f"configs/stage1.py: unknown variant {arg!r}; expected '', 'demo' or 'tiny'")
     return c

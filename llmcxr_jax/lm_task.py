@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 
 LOSS_MODES = ("global", "original")
 BATCH_AXES = {"input_ids": ("batch", "length"), "loss_weights": ("batch", "length")}
@@ -47,8 +47,13 @@ def sequence_scales(loss_weights: jax.Array, mode: str, group_size: int) -> jax.
 def token_statistics(logits: jax.Array, input_ids: jax.Array, loss_weights: jax.Array,
                      image_offset: int) -> dict[str, jax.Array]:
     """Per-sequence summed loss and per-batch accuracy counts, split into text and image targets."""
-    targets, weights = input_ids[:, 1:], loss_weights[:, 1:].astype(jnp.float32)
-    logits = logits[:, :-1].astype(jnp.float32)
+    return target_statistics(logits[:, :-1], input_ids[:, 1:], loss_weights[:, 1:], image_offset)
+
+
+def target_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                      image_offset: int) -> dict[str, jax.Array]:
+    """The statistics of `token_statistics` for logits already aligned with their targets."""
+    logits, weights = logits.astype(jnp.float32), weights.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
     is_image = (targets >= image_offset).astype(jnp.float32)
@@ -62,12 +67,54 @@ def token_statistics(logits: jax.Array, input_ids: jax.Array, loss_weights: jax.
     }
 
 
+def chunked_statistics(model: GPTNeoX, input_ids: jax.Array, loss_weights: jax.Array, image_offset: int,
+                       chunk: int) -> dict[str, jax.Array]:
+    """`token_statistics(model(ids), ...)` without materialising (batch, length, vocab) fp32 logits.
+
+    The LM head and cross-entropy run over `chunk` positions at a time under `jax.checkpoint`, so the backward
+    pass recomputes each chunk's logits instead of keeping all of them (51k × length × batch × 4 bytes).
+    """
+    B, T = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    h = model.hidden_states(input_ids, positions, None)[:, :-1]
+    targets, weights = input_ids[:, 1:], loss_weights[:, 1:].astype(jnp.float32)
+    n = -(-(T - 1) // chunk)
+    pad = n * chunk - (T - 1)
+
+    def chunks(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    kernel = model.head_kernel()
+
+    @jax.checkpoint
+    def one(k, hc, tc, wc):
+        return target_statistics(lm_head(hc, k), tc, wc, image_offset)
+
+    def body(total, xs):
+        stats = one(kernel, *xs)
+        return jax.tree.map(jnp.add, total, stats), None
+
+    zeros = {"seq_loss": jnp.zeros((B,), jnp.float32), **{k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}}
+    return jax.lax.scan(body, zeros, (chunks(h), chunks(targets), chunks(weights)))[0]
+
+
+STAT_KEYS = ("tokens", "text_correct", "text_tokens", "image_correct", "image_tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class LMStepConfig:
     loss_mode: str = "global"
     loss_group_size: int = 2
     micro_batches: int = 1
     image_offset: int = 50281
+    loss_chunk: int = 0  # > 0: chunked LM head + cross-entropy (positions per chunk)
+
+
+def model_statistics(model: GPTNeoX, ids: jax.Array, weights: jax.Array, cfg: LMStepConfig) -> dict[str, jax.Array]:
+    if cfg.loss_chunk and cfg.loss_chunk < ids.shape[1] - 1:
+        return chunked_statistics(model, ids, weights, cfg.image_offset, cfg.loss_chunk)
+    return token_statistics(model(ids), ids, weights, cfg.image_offset)
 
 
 def _split_micro_batches(x: jax.Array, k: int) -> jax.Array:
@@ -84,8 +131,7 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
     graphdef, params, rest = nnx.split(state.model, nnx.Param, ...)
 
     def loss_fn(p, ids, weights, s):
-        model = nnx.merge(graphdef, p, rest)
-        stats = token_statistics(model(ids), ids, weights, cfg.image_offset)
+        stats = model_statistics(nnx.merge(graphdef, p, rest), ids, weights, cfg)
         return (stats.pop("seq_loss") * s).sum(), stats
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -99,8 +145,7 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
             (loss_mb, stats_mb), grads_mb = grad_fn(params, *mb)
             return jax.tree.map(jnp.add, carry, (loss_mb, stats_mb, grads_mb)), None
 
-        zero_stats = {k_: jnp.zeros((), jnp.float32) for k_ in
-                      ("tokens", "text_correct", "text_tokens", "image_correct", "image_tokens")}
+        zero_stats = {k_: jnp.zeros((), jnp.float32) for k_ in STAT_KEYS}
         zeros = (jnp.zeros((), jnp.float32), zero_stats, jax.tree.map(jnp.zeros_like, params))
         (loss, stats, grads), _ = jax.lax.scan(accumulate, zeros, xs)
     lr = schedule(state.optimizer.step[...])
@@ -110,8 +155,7 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
 
 def eval_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig) -> dict[str, jax.Array]:
     """Sums over the batch (so evaluation over many batches is a plain sum); rows with zero weight count nothing."""
-    stats = token_statistics(state.model(batch["input_ids"]), batch["input_ids"], batch["loss_weights"],
-                             cfg.image_offset)
+    stats = model_statistics(state.model, batch["input_ids"], batch["loss_weights"], cfg)
     return {"loss_sum": stats.pop("seq_loss").sum(), **stats}
 
 
@@ -153,7 +197,8 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
     model_cfg = model_config_from(config)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
     step_cfg = LMStepConfig(loss_mode=config.train.loss_mode, loss_group_size=config.train.loss_group_size,
-                            micro_batches=config.train.micro_batches, image_offset=metadata["image_offset"])
+                            micro_batches=config.train.micro_batches, image_offset=metadata["image_offset"],
+                            loss_chunk=config.train.loss_chunk)
     metadata = {**metadata, "model_config": dataclasses.asdict(model_cfg)}
 
     def create_state() -> LMTrainState:

@@ -288,10 +288,12 @@ class GPTNeoX(nnx.Module):
         h = layer_norm(x, self.final_ln_scale[...], self.final_ln_bias[...], cfg.layer_norm_eps)
         return h if cache is None else (h, new_kv)
 
+    def head_kernel(self) -> jax.Array:
+        """The LM head as (embed, vocab): untied `embed_out`, or `embed_in`ᵀ when tied."""
+        return self.embed_in[...].T if self.embed_out is None else self.embed_out[...]
+
     def logits(self, h: jax.Array) -> jax.Array:
-        """LM head in fp32 accumulation: untied `embed_out`, or `embed_in`ᵀ when tied."""
-        w = self.embed_in[...].T if self.embed_out is None else self.embed_out[...]
-        return jnp.einsum("bte,ev->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return lm_head(h, self.head_kernel())
 
     def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
         cfg = self.config
@@ -322,6 +324,11 @@ class GPTNeoX(nnx.Module):
             index=cache.index + T,
         )
         return self.logits(h), new_cache
+
+
+def lm_head(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Logits with fp32 accumulation, whatever the activation dtype."""
+    return jnp.einsum("bte,ev->btv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def extend_vocab(model: GPTNeoX, new_vocab_size: int, rngs: nnx.Rngs) -> GPTNeoX:
