@@ -40,7 +40,9 @@ class Task:
 
     `initial_state`, when given, builds the starting state of a fresh run from outside (an HF directory, a
     previous stage) directly onto the shardings it receives. `summarize` turns summed metrics into the numbers
-    that are logged; `throughput` turns (metrics, seconds) into rates such as tokens/s and MFU.
+    that are logged; `throughput` turns (metrics, seconds) into rates such as tokens/s and MFU. `images` returns
+    pictures of the current state (name -> (H, W, 3) uint8) for TensorBoard; it runs on every process, since it
+    may compute on global arrays, and process 0 writes them.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Task:
     throughput: Callable[[dict[str, float], float], dict[str, float]] | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     check_restored_metadata: Callable[[dict[str, Any]], None] | None = None
+    images: Callable[[nnx.Module], dict[str, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,7 @@ class LoopConfig:
     total_steps: int
     log_every: int = 50
     eval_every: int = 0
+    image_every: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 5
     async_checkpoints: bool = True
@@ -120,6 +124,13 @@ class _Logger:
             self._bar.set_postfix(shown, refresh=False)
         else:
             print(f"[{prefix}] step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+    def images(self, step: int, prefix: str, values: dict[str, np.ndarray]) -> None:
+        if not self.active:
+            return
+        for key, value in values.items():
+            self._writer.add_image(f"{prefix}/{key}", value, step, dataformats="HWC")
+        self._writer.flush()
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -203,16 +214,17 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
             start, state = 0, jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
         step_fn = compile_train_step(task, graphdef, shardings, batch_sh)
         eval_fn = compile_eval_step(task, graphdef, shardings, batch_sh) if task.eval_step else None
+        image_fn = (lambda s: task.images(nnx.merge(graphdef, s))) if task.images else None
         logger = _Logger(workdir, loop.total_steps, start, loop.progress)
         try:
             return _run(task, loop, state, start, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts,
-                        logger)
+                        logger, image_fn)
         finally:
             ckpts.close()
             logger.close()
 
 
-def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger):
+def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger, image_fn):
     """The loop body. Metrics of step t are read after step t+1 is dispatched, so the host never idles the device."""
     window: dict[str, float] | None = None
     window_start, window_steps = time.perf_counter(), 0
@@ -250,6 +262,8 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                     sums = _add(sums, _fetch(eval_fn(state, to_global(eval_batch, batch_sh))))
                 if sums is not None:
                     logger.scalars(step, "eval", task.summarize(sums))
+            if image_fn is not None and loop.image_every and (step % loop.image_every == 0 or last):
+                logger.images(step, "train", image_fn(state))
             if preemption.requested:
                 logger.message(f"SIGTERM: saved a checkpoint at step {step}; exiting cleanly")
                 break

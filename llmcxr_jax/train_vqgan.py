@@ -1,0 +1,109 @@
+"""Train the VQ-GAN: `python -m llmcxr_jax.train_vqgan --config configs/vqgan.py --workdir DIR [--config.key=value]`.
+
+Same loop, checkpoints, resume and SIGTERM handling as the LM stages (`llmcxr_jax.trainer`). When the last step is
+done the model is exported as a VQ-GAN directory (`config.export_dir`, default DIR/export) that
+`vqgan_flax.load` and `python -m vqgan_flax.encode --vqgan` read; `vqgan_task.export_workdir` exports any
+checkpoint later.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, logging
+
+from llmcxr_jax import parallel, trainer, vqgan_task
+from llmcxr_jax.data import image_builder
+from llmcxr_jax.train import FLAGS  # --config, --workdir (and the LM-only --dry_run, --topology)
+
+EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the training ones (as cxr_phantoms' test)
+
+
+def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
+    """Errors a user can cause, caught before anything is built."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = config.train.global_batch_size
+    if batch % shards or batch % jax.process_count():
+        raise ValueError(f"train.global_batch_size={batch} must divide over the {shards} data×fsdp shards of mesh "
+                         f"{dict(mesh.shape)} and the {jax.process_count()} processes")
+    if config.train.num_steps <= 0:
+        raise ValueError("train.num_steps must be > 0 (VQ-GAN training runs for a number of steps)")
+
+
+def image_sources(config: Any) -> tuple[Any, Any]:
+    """(train, eval) random-access record sources with a uint8 `image`."""
+    size, data = config.model.resolution, config.data
+    if data.source == "phantoms":
+        return (image_builder.phantom_records(config.seed, data.num_images, size),
+                image_builder.phantom_records(config.seed, data.num_eval_images, size, start=EVAL_OFFSET))
+    if data.source != "tfds":
+        raise ValueError(f"data.source {data.source!r} is unknown; expected 'tfds' or 'phantoms'")
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(data.builder, data_dir=data.data_dir or None)
+        return builder.as_data_source(split=data.train_split), builder.as_data_source(split=data.eval_split)
+    except Exception as e:  # TFDS raises several types for a dataset that was never prepared
+        raise FileNotFoundError(f"data: cannot open {data.builder!r} in data_dir {data.data_dir!r}: {e}. Build it "
+                                "first (llmcxr_jax.data.image_builder.CxrImages, or cxr_phantoms)") from None
+
+
+def run(config: Any, workdir: str, mesh: jax.sharding.Mesh | None = None) -> str | None:
+    """Train, then export; returns the export's fingerprint (None when stopped early, e.g. by SIGTERM).
+
+    `mesh` defaults to `config.mesh.shape` over all devices.
+    """
+    parallel.initialize(config.distributed)
+    mesh = mesh or parallel.make_mesh(config.mesh.shape)
+    check_config(config, mesh)
+    train_source, eval_source = image_sources(config)
+    size, batch = config.model.resolution, config.train.global_batch_size
+    train_iter = image_builder.make_image_iterator(train_source, global_batch_size=batch, resolution=size,
+                                                   seed=config.seed)
+    eval_iter_fn = None
+    if config.train.eval_every and len(eval_source) >= batch:
+        def eval_iter_fn():
+            return image_builder.make_eval_iterator(eval_source, global_batch_size=batch, resolution=size,
+                                                    max_batches=config.data.eval_batches)
+    preview_source = eval_source if len(eval_source) else train_source
+    n = min(config.data.preview_images, len(preview_source))
+    to_input = image_builder.ToModelInput(size)
+    preview = np.stack([to_input(preview_source[i])["images"] for i in range(n)]) if n else None
+    task = vqgan_task.build_task(config, preview=preview)
+    t = config.train
+    loop = trainer.LoopConfig(total_steps=t.num_steps, log_every=t.log_every, eval_every=t.eval_every,
+                              image_every=t.image_every, checkpoint_every=t.checkpoint_every,
+                              keep_checkpoints=t.keep_checkpoints, async_checkpoints=t.async_checkpoints,
+                              progress=t.progress)
+    state = trainer.train(task, loop, mesh=mesh, rules=parallel.DEFAULT_RULES, workdir=workdir,
+                          train_iter=train_iter, eval_iter_fn=eval_iter_fn)
+    if int(state["gen_optimizer"]["step"].get_value()) != t.num_steps or jax.process_index() != 0:
+        return None
+    out = config.export_dir or str(Path(workdir) / "export")
+    fingerprint = vqgan_task.export_workdir(workdir, out)
+    print(f"exported the VQ-GAN of step {t.num_steps} to {out} (fingerprint {fingerprint})", flush=True)
+    return fingerprint
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.config is None or not FLAGS.workdir:
+        raise app.UsageError("--config (e.g. configs/vqgan.py:demo) and --workdir are required")
+    if FLAGS.dry_run or FLAGS.topology:
+        raise app.UsageError("--dry_run and --topology are implemented for the LM stages only")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla"))
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

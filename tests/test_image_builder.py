@@ -1,0 +1,139 @@
+"""TFDS builder `cxr_images` (folder or MIMIC-CXR-JPG layout, no TensorFlow) and the VQ-GAN training iterator."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from llmcxr_jax.data.cxr_phantoms_builder import CxrPhantoms, CxrPhantomsConfig
+from llmcxr_jax.data.image_builder import (CxrImages, CxrImagesConfig, ToModelInput, make_eval_iterator,
+                                           make_image_iterator, phantom_records)
+from vqgan_flax.images import load_image, preprocess
+
+SIZE = 32
+
+
+def _gradient(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.add.outer(np.linspace(0, 180, h), np.linspace(0, 60, w))
+    return np.clip(base + rng.normal(0, 8, (h, w)), 0, 255).astype(np.uint8)
+
+
+def write_fixtures(root):
+    """Four usable images of different kinds, and three that must be skipped for three different reasons."""
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(_gradient(40, 50, 0)).save(root / "a.png")
+    Image.fromarray(_gradient(48, 36, 1)).save(root / "sub" / "b.jpg", quality=90)
+    gray = _gradient(64, 64, 2)
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(root / "c.png")  # RGB file, identical channels
+    Image.fromarray((_gradient(40, 40, 3).astype(np.uint16) * 257)).save(root / "d.png")  # 16-bit
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(_gradient(20, 20, 4)).save(root / "small.png")
+    colour = np.stack([_gradient(40, 40, 5), _gradient(40, 40, 6), _gradient(40, 40, 7)], axis=-1)
+    Image.fromarray(colour).save(root / "colour.png")
+    return {"a": root / "a.png", "sub/b": root / "sub" / "b.jpg", "c": root / "c.png", "d": root / "d.png"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    usable = write_fixtures(root)
+    data_dir = tmp_path_factory.mktemp("tfds")
+    config = CxrImagesConfig(name="t32", size=SIZE, validation_fraction=0.0, num_workers=2)
+    builder = CxrImages(config=config, data_dir=data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    return builder, config, data_dir, usable
+
+
+def test_builds_from_a_folder_and_reads_back_without_tensorflow(built):
+    builder, _, data_dir, usable = built
+    train = builder.as_data_source("train")
+    records = {r["image_id"].decode(): r["image"] for r in train}
+    assert sorted(records) == sorted(usable)
+    for key, path in usable.items():
+        # Training sees exactly the LLM-CXR recipe's values (x/255·2 − 1 of the stored pixels).
+        expected = preprocess(load_image(path), SIZE)
+        np.testing.assert_array_equal(ToModelInput(SIZE)({"image": records[key]})["images"], expected, err_msg=key)
+    assert list(data_dir.rglob("*.array_record-*"))
+    assert "tensorflow" not in sys.modules
+
+
+def test_unusable_files_are_counted_and_listed(built):
+    builder, config, data_dir, _ = built
+    skipped = CxrImages(config=config, data_dir=data_dir).info.metadata["skipped"]  # as stored on disk
+    assert sorted(skipped) == ["broken.jpg", "colour.png", "small.png"]
+    assert "not a readable image" in skipped["broken.jpg"]
+    assert "too small" in skipped["small.png"] and "colour image" in skipped["colour.png"]
+    assert builder.build_counts["kept"] == {"train": 4, "validation": 0}
+
+
+def test_colour_images_are_kept_with_three_channels(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    colour = np.stack([_gradient(40, 40, 5), _gradient(40, 40, 6), _gradient(40, 40, 7)], axis=-1)
+    Image.fromarray(colour).save(root / "colour.png")
+    config = CxrImagesConfig(name="rgb32", size=SIZE, channels=3, validation_fraction=0.0, num_workers=1)
+    builder = CxrImages(config=config, data_dir=tmp_path / "tfds")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    (record,) = builder.as_data_source("train")
+    np.testing.assert_array_equal(ToModelInput(SIZE)(record)["images"], preprocess(colour, SIZE))
+
+
+def test_mimic_layout_follows_the_split_csv(tmp_path):
+    root = tmp_path / "mimic"
+    ids = {"d1": "train", "d2": "validate", "d3": "test", "d4": "train"}
+    for i, dicom in enumerate([*ids, "d5"]):
+        folder = root / "files" / "p10" / "p10000032" / f"s5000000{i}"
+        folder.mkdir(parents=True)
+        Image.fromarray(_gradient(40, 40, i)).save(folder / f"{dicom}.jpg")
+    lines = ["dicom_id,study_id,subject_id,split"] + [f"{d},5000000{i},10000032,{s}" for i, (d, s) in
+                                                       enumerate(ids.items())]
+    (root / "mimic-cxr-2.0.0-split.csv").write_text("\n".join(lines) + "\n")
+    builder = CxrImages(config=CxrImagesConfig(name="m32", size=SIZE, num_workers=1), data_dir=tmp_path / "tfds")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    stems = {split: sorted(r["image_id"].decode().rsplit("/", 1)[1] for r in builder.as_data_source(split))
+             for split in ("train", "validation")}
+    assert stems == {"train": ["d1", "d4"], "validation": ["d2", "d3"]}
+    assert list(builder.build_counts["skipped"].values()) == ["dicom_id d5 not in mimic-cxr-2.0.0-split.csv"]
+
+
+def _take(iterator, n):
+    return [next(iterator)["images"] for _ in range(n)]
+
+
+def test_iterator_is_seeded_resumes_exactly_and_splits_processes():
+    source = phantom_records(3, 10, SIZE)
+    straight = _take(make_image_iterator(source, global_batch_size=4, resolution=SIZE, seed=1), 7)  # > 2 epochs
+    assert all(b.shape == (4, SIZE, SIZE, 3) and b.dtype == np.float32 for b in straight)
+    assert not np.array_equal(straight[0], straight[2])  # the second epoch is shuffled differently
+    first = make_image_iterator(source, global_batch_size=4, resolution=SIZE, seed=1)
+    _take(first, 3)
+    state = json.loads(json.dumps(first.get_state()))
+    resumed = make_image_iterator(source, global_batch_size=4, resolution=SIZE, seed=1)
+    resumed.set_state(state)
+    for a, b in zip(_take(resumed, 4), straight[3:]):
+        np.testing.assert_array_equal(a, b)
+    halves = [_take(make_image_iterator(source, global_batch_size=4, resolution=SIZE, seed=1, process_index=i,
+                                        process_count=2), 2) for i in range(2)]
+    assert all(b.shape[0] == 2 for h in halves for b in h)
+    seen = [{x.tobytes() for b in h for x in b} for h in halves]
+    assert not seen[0] & seen[1]  # each process reads its own records
+    evals = list(make_eval_iterator(source, global_batch_size=4, resolution=SIZE))
+    assert len(evals) == 2  # full batches only; the 2 left over are not shown
+    np.testing.assert_array_equal(evals[0]["images"][0], ToModelInput(SIZE)(source[0])["images"])
+
+
+def test_phantom_builder_works_as_a_source(tmp_path):
+    config = CxrPhantomsConfig(name="v32", size=SIZE, num_train=4, num_test=1, seed=2)
+    CxrPhantoms(config=config, data_dir=tmp_path).download_and_prepare()
+    source = tfds.data_source("cxr_phantoms/v32", data_dir=tmp_path)["train"]
+    images = np.concatenate(_take(make_image_iterator(source, global_batch_size=2, resolution=SIZE), 2))
+    want = {(np.repeat(r["image"], 3, axis=-1) / np.float32(255) * 2 - 1).astype(np.float32).tobytes() for r in source}
+    assert {x.tobytes() for x in images} == want
+
+
+def test_wrong_resolution_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="image is 32x32 but the VQ-GAN's resolution is 64"):
+        next(make_image_iterator(phantom_records(0, 2, SIZE), global_batch_size=2, resolution=64))
