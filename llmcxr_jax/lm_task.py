@@ -247,7 +247,8 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
     return trainer.Task(
         name="lm", create_state=create_state, train_step=step, batch_axes=BATCH_AXES, summarize=summarize,
         eval_step=lambda s, b: eval_step(s, b, step_cfg), initial_state=initial_state, throughput=throughput,
-        metadata=metadata, check_restored_metadata=lambda m: check_compatible(m, metadata, "the checkpoint"),
+        metadata=metadata,
+        check_restored_metadata=lambda m: check_compatible(m, metadata, "the workdir's latest checkpoint (resuming)"),
     )
 
 

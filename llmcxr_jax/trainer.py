@@ -200,11 +200,11 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
     with jax.set_mesh(mesh), parallel.use_rules(rules):
         start = ckpts.latest_step()
         if start is not None:
+            if task.check_restored_metadata is not None:  # before reading any array: a clear error, not a shape one
+                task.check_restored_metadata(ckpts.read_meta(start))
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
-            pure, data_state, meta = ckpts.restore(start, target)
-            if task.check_restored_metadata is not None:
-                task.check_restored_metadata(meta)
+            pure, data_state, _ = ckpts.restore(start, target)
             state = abstract
             nnx.replace_by_pure_dict(state, pure)
             train_iter.set_state(data_state)

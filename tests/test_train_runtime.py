@@ -214,3 +214,12 @@ def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, messag
     out, _ = _train_cli(tmp_path / "w", 2, override).communicate(timeout=120)
     assert message in out, out
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path):
+    config = load_config("stage1")
+    run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 1)
+    config.model.vocab_size = 144
+    with pytest.raises(ValueError, match=r"latest checkpoint \(resuming\): vocabulary size 128 differs from this "
+                                         r"run's 144"):
+        run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
