@@ -1,0 +1,176 @@
+"""Sampling latency: ours (one compiled loop) and, with --ref, transformers' `generate`, same weights, same run.
+
+    PYTHONPATH=. python bench/generate_latency.py --shape tiny --ref
+    PYTHONPATH=. python bench/generate_latency.py --shape 2.8b --dtype bfloat16 --ref      # GPU
+
+Random weights in the GPT-NeoX shape named by --shape with LLM-CXR's 51305-id vocabulary; prompts are 128
+random ids. Measurements (SPEC §10 settings: top-p 0.92, top-k off, temperature 1, no stop token):
+- `text`: ms per new token at batch 1 and 16, 256 new tokens;
+- `image`: seconds per image at batch 1: 256 image tokens. Ours uses the constrained mode (image ids only);
+  transformers samples all ids freely, as the original does, so its image time is the batch-1 text run.
+Times include the prefill; each is the median of --repeats calls after warm-up/compile, synchronised
+(block_until_ready / cuda.synchronize). Both implementations run one after the other in this process (JAX with
+XLA_PYTHON_CLIENT_PREALLOCATE=false). Prints one JSON line per measurement, then a table, and appends the lines
+to bench/results/generate.jsonl. Imports only jax, flax, numpy, torch, transformers and llmcxr_jax.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the torch reference
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llmcxr_jax.convert import save_hf_model  # noqa: E402
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig  # noqa: E402
+from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "generate.jsonl"
+VOCAB, IMAGE_OFFSET, NUM_CODES = 51305, 50281, 1024
+SHAPES = {  # hidden, layers, heads, intermediate (Pythia / dolly-v2 shapes)
+    "tiny": (64, 2, 4, 256),
+    "pythia-70m": (512, 6, 8, 2048),
+    "410m": (1024, 24, 16, 4096),
+    "2.8b": (2560, 32, 32, 10240),
+}
+PROMPT_LEN, NEW_TOKENS = 128, 256
+SAMPLING = SamplingParams()  # top-p 0.92, top-k off, temperature 1
+
+
+def model_config(shape: str, dtype: str) -> GPTNeoXConfig:
+    hidden, layers, heads, mlp = SHAPES[shape]
+    return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=mlp, dtype=dtype, param_dtype=dtype)
+
+
+def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, first-call seconds); `call` must block until its result is ready."""
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+def prompts(batch: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(1, IMAGE_OFFSET - 4, (batch, PROMPT_LEN)).astype(np.int32)
+
+
+def bench_ours(model: GPTNeoX, batch: int, spec: DecodeSpec, warmup: int, repeats: int) -> tuple[float, float]:
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, valid, seed):
+        return decode(nnx.merge(graphdef, state), ids, valid, row_keys(seed, jnp.arange(ids.shape[0])), spec).tokens
+
+    ids = jnp.asarray(prompts(batch))
+    valid = jnp.ones_like(ids, bool)
+    seeds = iter(range(1_000_000))
+    return median_seconds(lambda: run(state, ids, valid, jnp.uint32(next(seeds))).block_until_ready(),
+                          warmup, repeats)
+
+
+def bench_transformers(hf_dir: str, dtype: str, batches: list[int], warmup: int, repeats: int,
+                       threads: int | None) -> tuple[dict[int, float], str]:
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).to(device).eval()
+    model.generation_config.eos_token_id = None  # never stop early: time exactly NEW_TOKENS tokens
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = {}
+    for batch in batches:
+        ids = torch.as_tensor(prompts(batch), dtype=torch.long, device=device)
+
+        @torch.inference_mode()
+        def call() -> None:
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.92, top_k=0,
+                           temperature=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+            sync()
+
+        seconds[batch] = median_seconds(call, warmup, repeats)[0]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return seconds, f"torch {torch.__version__} transformers {transformers.__version__} {name}"
+
+
+def record(impl: str, measure: str, batch: int, seconds: float, args: argparse.Namespace, device: str,
+           first_call_s: float | None = None) -> dict:
+    row = {"bench": "generate_latency", "impl": impl, "measure": measure, "shape": args.shape, "batch": batch,
+           "dtype": args.dtype, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+           "ms_per_token": round(1e3 * seconds / NEW_TOKENS, 3), "tokens_per_s": round(batch * NEW_TOKENS / seconds, 1),
+           "s_per_call": round(seconds, 4), "repeats": args.repeats, "device": device,
+           "date": datetime.date.today().isoformat()}
+    if measure == "image":
+        row["s_per_image"] = round(seconds / batch, 4)
+    if first_call_s is not None:
+        row["first_call_s"] = round(first_call_s, 2)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batches", default="1,16", help="text batch sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="calls before timing (the first compiles)")
+    parser.add_argument("--ref", action="store_true", help="also time transformers' generate on the same weights")
+    parser.add_argument("--torch_threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    model = GPTNeoX(model_config(args.shape, args.dtype), rngs=nnx.Rngs(0))
+    device = f"jax {jax.__version__} {jax.devices()[0].device_kind}"
+    rows = []
+    text = DecodeSpec(NEW_TOKENS, SAMPLING)
+    for batch in batches:
+        seconds, first = bench_ours(model, batch, text, args.warmup, args.repeats)
+        rows.append(record("jax", "text", batch, seconds, args, device, first))
+    image = DecodeSpec(NEW_TOKENS, SAMPLING, allowed=(IMAGE_OFFSET, IMAGE_OFFSET + NUM_CODES))
+    seconds, first = bench_ours(model, 1, image, args.warmup, args.repeats)
+    rows.append(record("jax", "image", 1, seconds, args, device, first))
+    if args.ref:
+        with tempfile.TemporaryDirectory() as hf_dir:
+            save_hf_model(model, hf_dir)
+            del model
+            times, ref_device = bench_transformers(hf_dir, args.dtype, batches, args.warmup, args.repeats,
+                                                   args.torch_threads)
+        rows += [record("transformers", "text", b, s, args, ref_device) for b, s in times.items()]
+        if 1 in times:
+            rows.append(record("transformers", "image", 1, times[1], args, ref_device))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for row in rows:
+            print(json.dumps(row))
+            f.write(json.dumps(row) + "\n")
+    print(f"\n{'impl':13} {'measure':7} {'shape':10} {'batch':>5} {'dtype':9} {'ms/token':>9} {'tokens/s':>9} "
+          f"{'s/image':>8}")
+    for r in rows:
+        print(f"{r['impl']:13} {r['measure']:7} {r['shape']:10} {r['batch']:>5} {r['dtype']:9} "
+              f"{r['ms_per_token']:>9.3f} {r['tokens_per_s']:>9.1f} {r.get('s_per_image', float('nan')):>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

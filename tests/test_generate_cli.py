@@ -1,0 +1,109 @@
+"""`python -m llmcxr_jax.generate` end to end on tiny random weights, and checkpoint/VQ-GAN loading rules."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import vqgan_flax
+from llmcxr_jax import checkpoint, generate
+from llmcxr_jax.convert import load_hf_model
+from llmcxr_jax.generate import Sampler
+from llmcxr_jax.sampling import SamplingParams
+from test_generate_common import REPORTS, hf_dir, small_tokenizer
+from vqgan_flax.config import PRESETS
+
+TINY_VQGAN = PRESETS["tiny"]  # 32² images, 16×16 codes from 64 entries
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    """An HF directory, its converted checkpoint recording the VQ-GAN, a training workdir, and two VQ-GANs."""
+    root = tmp_path_factory.mktemp("generate_cli")
+    tokenizer = small_tokenizer(TINY_VQGAN.num_codes)
+    vqgans = {}
+    for name, seed in (("vqgan", 0), ("other_vqgan", 1)):
+        params = vqgan_flax.checkpoint.random_params(TINY_VQGAN, seed)
+        vqgan_flax.checkpoint.write(root / name, TINY_VQGAN, params)
+        vqgans[name] = root / name
+    hf = hf_dir(root / "hf", tokenizer, seed=2)
+    meta = {"vqgan_fingerprint": vqgan_flax.checkpoint.read_fingerprint(vqgans["vqgan"]),
+            "vqgan_grid": list(TINY_VQGAN.grid), "token_layout": dataclasses.asdict(tokenizer.layout)}
+    model = load_hf_model(hf)
+    checkpoint.save_model(model, root / "ckpt", extra_metadata=meta)
+    tokenizer.save(root / "ckpt")
+    workdir = checkpoint.TrainCheckpoints(root / "workdir", every=1, keep=1, async_save=False)
+    workdir.save(7, {"model": nnx.to_pure_dict(nnx.state(model, nnx.Param))}, {},
+                 checkpoint.model_metadata(model.config, meta))
+    workdir.close()
+    tokenizer.save(root / "workdir")
+    return {"hf": hf, "ckpt": root / "ckpt", "workdir": root / "workdir", **vqgans}
+
+
+def run_cli(dirs, out: Path, *args: str) -> list[dict]:
+    generate.main(["--checkpoint", str(dirs["ckpt"]), "--vqgan", str(dirs["vqgan"]), "--out", str(out),
+                   "--dtype", "float32", "--batch_size", "2", *args])
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_cli_report_to_cxr_writes_pngs_and_reproduces(dirs, tmp_path):
+    args = ("--task", "report2cxr", "--input", REPORTS[0], "--input", REPORTS[4], "--input", REPORTS[8],
+            "--seed", "5")
+    first = run_cli(dirs, tmp_path / "a", *args)
+    again = run_cli(dirs, tmp_path / "b", *args)
+    assert [r["index"] for r in first] == [0, 1, 2] and [r["input"] for r in first] == [REPORTS[i] for i in (0, 4, 8)]
+    for r, s in zip(first, again):
+        codes = np.asarray(r["output"])
+        assert codes.shape == TINY_VQGAN.grid and 0 <= codes.min() and codes.max() < TINY_VQGAN.num_codes
+        assert r["output"] == s["output"] and r["instruction"] == s["instruction"] and r["seed"] == 5
+        assert r["task"] == "report2cxr" and r["timings"]["steps"] == 256 and r["timings"]["generate_s"] > 0
+        png = Image.open(tmp_path / "a" / r["image"])
+        assert png.size == (TINY_VQGAN.resolution, TINY_VQGAN.resolution)
+        assert (tmp_path / "a" / r["image"]).read_bytes() == (tmp_path / "b" / s["image"]).read_bytes()
+    assert first[0]["output"] != first[1]["output"]
+
+
+def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path):
+    images = []
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 48), dtype=np.uint8)
+        images.append(tmp_path / f"cxr{i}.png")
+        Image.fromarray(pixels).save(images[-1])
+    args = ("--task", "cxr2report", "--max_new_tokens", "16", *map(str, images))
+    reports = run_cli(dirs, tmp_path / "reports", *args)
+    again = run_cli(dirs, tmp_path / "reports_again", *args)
+    assert [(r["output"], r["instruction"]) for r in reports] == [(r["output"], r["instruction"]) for r in again]
+    assert [r["input"] for r in reports] == list(map(str, images))
+    assert all(isinstance(r["output"], str) for r in reports) and any(r["output"] for r in reports)
+    lines = tmp_path / "questions.txt"
+    lines.write_text("What is an effusion?\n\nDescribe the heart.\n")
+    answers = run_cli(dirs, tmp_path / "answers", "--task", "instruct", "--input_file", str(lines),
+                      "--max_new_tokens", "16", "--top_k", "20", "--temperature", "0.8", "--mesh", "1,-1,1")
+    assert [r["instruction"] for r in answers] == ["What is an effusion?", "Describe the heart."]
+    assert all(isinstance(r["output"], str) for r in answers)
+
+
+def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="fingerprint .* differs from vqgan_fingerprint"):
+        generate.main(["--checkpoint", str(dirs["ckpt"]), "--vqgan", str(dirs["other_vqgan"]), "--task",
+                       "report2cxr", "--input", REPORTS[0], "--out", str(tmp_path), "--dtype", "float32"])
+    with pytest.raises(SystemExit, match="not a model"):
+        generate.main(["--checkpoint", str(tmp_path), "--task", "instruct", "--input", "x", "--out", str(tmp_path)])
+
+
+def test_from_checkpoint_reads_hf_converted_and_workdir_alike(dirs):
+    """All three kinds load the same weights: greedy answers agree; the VQ-GAN's grid comes along."""
+    answers = []
+    for kind in ("hf", "ckpt", "workdir"):
+        sampler = Sampler.from_checkpoint(dirs[kind], dirs["vqgan"], dtype="float32",
+                                          sampling=SamplingParams(greedy=True))
+        assert sampler.image_grid == TINY_VQGAN.grid and sampler.tokenizer.num_image_codes == TINY_VQGAN.num_codes
+        answers.append(sampler.instruct(["What is an effusion?", "Describe the heart."], max_new_tokens=12).texts)
+    assert answers[0] == answers[1] == answers[2] and any(answers[0])
+    codes_only = Sampler.from_checkpoint(dirs["ckpt"], dtype="float32")  # grid from the checkpoint's metadata
+    assert codes_only.vqgan is None and codes_only.image_grid == TINY_VQGAN.grid
