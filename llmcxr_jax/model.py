@@ -214,18 +214,23 @@ def _attention(q, k, v, mask, impl):
 
 
 def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
-    """One GPT-NeoX layer. `kv` is None (no cache) or (k_cache, v_cache, write_index) for this layer."""
+    """One GPT-NeoX layer. `kv` is None (no cache) or (k_all, v_all, layer, write_index) of the whole cache.
+
+    Only this step's keys and values are written into the stacked cache (in place under jit); the layer's
+    keys are read back from it, so decoding never copies the cache.
+    """
     dt = resolve_dtype(cfg.dtype)
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.layer_norm_eps)
     qkv = jnp.einsum("bte,enkd->btnkd", h, p["qkv_kernel"].astype(dt)) + p["qkv_bias"].astype(dt)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if kv is not None:
-        k_cache, v_cache, index = kv
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        k, v = k_cache.astype(dt), v_cache.astype(dt)
-        kv = (k_cache, v_cache)
+        k_all, v_all, layer, index = kv
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (layer, 0, index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (layer, 0, index, 0, 0))
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+        kv = (k_all, v_all)
     attn = _attention(q, k, v, mask, cfg.attention_impl)
     attn = jnp.einsum("btnd,nde->bte", attn, p["out_kernel"].astype(dt)) + p["out_bias"].astype(dt)
     if cfg.use_parallel_residual:
@@ -281,10 +286,13 @@ class GPTNeoX(nnx.Module):
                 step = jax.checkpoint(step, policy=policy, prevent_cse=False)
             x, new_kv = jax.lax.scan(step, x, layers)[0], None
         else:
-            def step(h, inputs):
-                p, k_c, v_c = inputs
-                return _block(cfg, h, p, cos, sin, mask, (k_c, v_c, cache.index))
-            x, new_kv = jax.lax.scan(step, x, (layers, cache.k, cache.v))
+            def step(carry, inputs):
+                h, k_all, v_all = carry
+                p, layer = inputs
+                h, (k_all, v_all) = _block(cfg, h, p, cos, sin, mask, (k_all, v_all, layer, cache.index))
+                return (h, k_all, v_all), None
+            layer_ids = jnp.arange(cfg.num_hidden_layers)
+            (x, *new_kv), _ = jax.lax.scan(step, (x, cache.k, cache.v), (layers, layer_ids))
         h = layer_norm(x, self.final_ln_scale[...], self.final_ln_bias[...], cfg.layer_norm_eps)
         return h if cache is None else (h, new_kv)
 
