@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vqgan_steps", type=int, default=400)
     parser.add_argument("--stage1_steps", type=int, default=400)
     parser.add_argument("--stage2_steps", type=int, default=150)
+    parser.add_argument("--lm_batch", type=int, default=16, help="LM global batch (sequences per step)")
     parser.add_argument("--tokenizer_vocab", type=int, default=1000,
                         help="text vocabulary of the demo BPE (phantom reports saturate near 1000)")
     return parser.parse_args(argv)

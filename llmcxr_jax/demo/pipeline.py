@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, out: Path, progress: Any) -> dict[str, Any]:
     tokenizer.save(out / "tokenizer")
 
     common = dict(data_dir=str(out / "tfds"), tokenizer=str(out / "tokenizer"), vocab=tokenizer.vocab_size,
-                  grid=grid[0], num_codes=num_codes, seed=args.seed)
+                  grid=grid[0], num_codes=num_codes, seed=args.seed, batch=args.lm_batch)
     progress.stage(f"LM stage 1: {args.stage1_steps} steps on FINDINGS+IMPRESSION, all tasks (configs/stage1.py:demo)")
     train.run(_lm_config("stage1", builders[0], args.stage1_steps, **common), str(out / "stage1"))
     _require_finished(out / "stage1", args.stage1_steps)
@@ -112,13 +112,13 @@ def _build_datasets(out: Path, grid: tuple[int, int], num_codes: int) -> tuple[s
 
 
 def _lm_config(stage: str, builder: str, steps: int, *, data_dir: str, tokenizer: str, vocab: int, grid: int,
-               num_codes: int, seed: int):
+               num_codes: int, seed: int, batch: int):
     config = train.load_config(f"{stage}:demo")
     config.data.update(data_dir=data_dir, mimic_builder=builder)
     config.update(tokenizer=tokenizer, seed=seed)
     config.model.vocab_size = vocab
     config.vqgan.update(grid=grid, num_codes=num_codes)
-    config.train.num_steps = steps
+    config.train.update(num_steps=steps, global_batch_size=batch)
     return config
 
 
