@@ -22,10 +22,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -36,6 +33,7 @@ from flax import nnx  # noqa: E402
 from llmcxr_jax.convert import save_hf_model  # noqa: E402
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys  # noqa: E402
+from timing import median_seconds  # bench/timing.py (scripts run from bench/)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.jsonl"
 VOCAB, IMAGE_OFFSET, NUM_CODES = 51305, 50281, 1024
@@ -53,21 +51,6 @@ def model_config(shape: str, dtype: str) -> GPTNeoXConfig:
     hidden, layers, heads, mlp = SHAPES[shape]
     return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          intermediate_size=mlp, dtype=dtype, param_dtype=dtype)
-
-
-def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
-    """(median, first-call seconds); `call` must block until its result is ready."""
-    start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first
 
 
 def prompts(batch: int) -> np.ndarray:

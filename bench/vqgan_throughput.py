@@ -19,10 +19,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -31,20 +28,9 @@ from flax import nnx  # noqa: E402
 
 from vqgan_flax import checkpoint  # noqa: E402
 from vqgan_flax.config import PRESETS, VQGANConfig  # noqa: E402
+from timing import median_seconds  # bench/timing.py (scripts run from bench/)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vqgan.jsonl"
-
-
-def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> float:
-    """`call` must block until its result is ready."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_ours(config: VQGANConfig, batch: int, dtype: str, warmup: int, repeats: int) -> dict[str, float]:
@@ -56,8 +42,8 @@ def bench_ours(config: VQGANConfig, batch: int, dtype: str, warmup: int, repeats
     codes = jax.random.randint(k2, (batch, *config.grid), 0, config.n_embed)
     encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
     decode = jax.jit(lambda s, c: nnx.merge(graphdef, s).decode(c))
-    return {"encode": median_seconds(lambda: encode(state, images).block_until_ready(), warmup, repeats),
-            "decode": median_seconds(lambda: decode(state, codes).block_until_ready(), warmup, repeats)}
+    return {"encode": median_seconds(lambda: encode(state, images).block_until_ready(), warmup, repeats)[0],
+            "decode": median_seconds(lambda: decode(state, codes).block_until_ready(), warmup, repeats)[0]}
 
 
 def bench_taming(config: VQGANConfig, batch: int, warmup: int, repeats: int,
@@ -92,8 +78,8 @@ def bench_taming(config: VQGANConfig, batch: int, warmup: int, repeats: int,
         sync()
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"encode": median_seconds(encode, warmup, repeats),
-            "decode": median_seconds(decode, warmup, repeats)}, f"torch {torch.__version__} {name}"
+    return {"encode": median_seconds(encode, warmup, repeats)[0],
+            "decode": median_seconds(decode, warmup, repeats)[0]}, f"torch {torch.__version__} {name}"
 
 
 def record(impl: str, op: str, seconds: float, args: argparse.Namespace, dtype: str, device: str) -> dict:
