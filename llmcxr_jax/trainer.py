@@ -241,7 +241,8 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
             logger.advance()
             last = step == loop.total_steps
             log_now = bool(loop.log_every) and (step % loop.log_every == 0 or last)
-            save_now = ckpts.should_save(step) or last or preemption.requested
+            stop = preemption.requested  # read once: a signal arriving later in this step is handled at the next
+            save_now = ckpts.should_save(step) or last or stop
             if log_now or save_now:
                 window = _add(window, _check_finite(*pending))
                 pending = None
@@ -264,7 +265,7 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                     logger.scalars(step, "eval", task.summarize(sums))
             if image_fn is not None and loop.image_every and (step % loop.image_every == 0 or last):
                 logger.images(step, "train", image_fn(state))
-            if preemption.requested:
+            if stop:
                 logger.message(f"SIGTERM: saved a checkpoint at step {step}; exiting cleanly")
                 break
     return state
