@@ -166,13 +166,20 @@ def total_steps(config: Any, steps_per_epoch: int | None) -> int:
     return config.train.num_epochs * steps_per_epoch
 
 
-def dry_run(task: trainer.Task, config: Any, mesh: jax.sharding.Mesh, rules: parallel.Rules) -> dict[str, int]:
-    """Lower and compile one train step from abstract inputs; print and return per-device memory in bytes."""
+def lm_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    return {"input_ids": (shape, np.int32), "loss_weights": (shape, np.float32)}
+
+
+def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], what: str,
+            mesh: jax.sharding.Mesh, rules: parallel.Rules) -> dict[str, int]:
+    """Lower and compile one train step from abstract inputs; print and return per-device memory in bytes.
+
+    `batch_shapes` maps each batch key to (global shape, dtype); `what` describes one step's batch.
+    """
     graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
     batch_sh = trainer.batch_shardings(task, mesh, rules)
-    shape = (config.train.global_batch_size, config.data.seq_len)
-    dtypes = {"input_ids": np.int32, "loss_weights": np.float32}
-    batch = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=batch_sh[k]) for k in task.batch_axes}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k]) for k, (shape, dtype) in batch_shapes.items()}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with jax.set_mesh(mesh), parallel.use_rules(rules):
         compiled = trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch).compile()
@@ -181,8 +188,8 @@ def dry_run(task: trainer.Task, config: Any, mesh: jax.sharding.Mesh, rules: par
               "temporaries": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes}
     state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
     platform = mesh.devices.flat[0].platform
-    print(f"dry run: one step of {config.train.global_batch_size}×{config.data.seq_len} tokens compiled for "
-          f"{mesh.devices.size} {platform} devices, mesh {dict(mesh.shape)}")
+    print(f"dry run: one step of {what} compiled for {mesh.devices.size} {platform} devices, "
+          f"mesh {dict(mesh.shape)}")
     print(f"  parameters + optimizer state: {state_bytes / 2**30:.2f} GiB in total")
     for key, value in report.items():
         print(f"  per device {key:>15}: {value / 2**30:8.3f} GiB")
@@ -217,7 +224,8 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     steps = total_steps(config, steps_per_epoch)
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
-        return dry_run(task, config, mesh, rules)
+        what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
+        return dry_run(task, lm_batch_shapes(config), what, mesh, rules)
     if config.data.source != "synthetic" and jax.process_index() == 0:
         load_tokenizer(config).save(workdir)  # the sampler reads the workdir's tokenizer.json
     loop = trainer.LoopConfig(

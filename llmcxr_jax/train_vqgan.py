@@ -17,9 +17,9 @@ import jax
 import numpy as np
 from absl import app, logging
 
-from llmcxr_jax import parallel, trainer, vqgan_task
+from llmcxr_jax import parallel, train, trainer, vqgan_task
 from llmcxr_jax.data import image_builder
-from llmcxr_jax.train import FLAGS  # --config, --workdir (and the LM-only --dry_run, --topology)
+from llmcxr_jax.train import FLAGS  # --config, --workdir, --dry_run (and the LM-only --topology)
 
 EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the training ones (as cxr_phantoms' test)
 
@@ -53,14 +53,20 @@ def image_sources(config: Any) -> tuple[Any, Any]:
                                 "first (llmcxr_jax.data.image_builder.CxrImages, or cxr_phantoms)") from None
 
 
-def run(config: Any, workdir: str, mesh: jax.sharding.Mesh | None = None) -> str | None:
+def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None, dry: bool = False) -> str | None:
     """Train, then export; returns the export's fingerprint (None when stopped early, e.g. by SIGTERM).
 
-    `mesh` defaults to `config.mesh.shape` over all devices.
+    `mesh` defaults to `config.mesh.shape` over all devices. `dry`: compile one step and report memory only.
     """
     parallel.initialize(config.distributed)
     mesh = mesh or parallel.make_mesh(config.mesh.shape)
     check_config(config, mesh)
+    if dry:
+        size, batch = config.model.resolution, config.train.global_batch_size
+        task = vqgan_task.build_task(config)
+        train.dry_run(task, {"images": ((batch, size, size, 3), np.float32)}, f"{batch} images of {size}²", mesh,
+                      parallel.DEFAULT_RULES)
+        return None
     train_source, eval_source = image_sources(config)
     size, batch = config.model.resolution, config.train.global_batch_size
     train_iter = image_builder.make_image_iterator(train_source, global_batch_size=batch, resolution=size,
@@ -93,14 +99,14 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh | None = None) -> str
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.workdir:
-        raise app.UsageError("--config (e.g. configs/vqgan.py:demo) and --workdir are required")
-    if FLAGS.dry_run or FLAGS.topology:
-        raise app.UsageError("--dry_run and --topology are implemented for the LM stages only")
+    if FLAGS.config is None or not (FLAGS.workdir or FLAGS.dry_run):
+        raise app.UsageError("--config (e.g. configs/vqgan.py:demo) and --workdir (or --dry_run) are required")
+    if FLAGS.topology:
+        raise app.UsageError("--topology is implemented for the LM stages only")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla"))
     try:
-        run(FLAGS.config, FLAGS.workdir)
+        run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import glob
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +234,14 @@ def test_fine_tuning_starts_from_a_converted_taming_checkpoint(tmp_path):
     for key, value in disc.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(back[losses.DISCRIMINATOR_PREFIX + key], value.numpy(), err_msg=key)
+
+
+def test_dry_run_compiles_one_step_and_reports_memory():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "llmcxr_jax.train_vqgan", "--config",
+                          str(root / "configs/vqgan.py:tiny"), "--dry_run"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run: one step of 8 images of 32² compiled for 8 cpu devices" in out.stdout
+    assert "per device       arguments" in out.stdout
