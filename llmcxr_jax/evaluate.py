@@ -48,7 +48,7 @@ REPORT_TOKENS, IMAGE_TOKENS = 128, 300  # max_new_tokens of generate_eval.py
 CONVERT_EVAL_IDS = """\
 eval_dicom_ids.pickle is read without running any code in it, so it must hold a list of dicom_id strings (or a
 dict keyed by them). Convert it once, in an environment you trust:
-    python -c "import pickle; ids = pickle.load(open('eval_dicom_ids.pickle', 'rb')); \\
+    python -c "import pickle, pandas as pd; ids = pd.read_pickle('eval_dicom_ids.pickle'); \\
 pickle.dump(sorted(map(str, ids)), open('eval_dicom_ids.plain.pickle', 'wb'))"
 and pass the .plain.pickle file."""
 

@@ -40,7 +40,7 @@ CONVERT_SELECTION = f"""\
 {SELECTION_PICKLE} from the LLM-CXR repository is read without running any code in it, so it must hold only
 dicts, lists, str and int. If it holds pandas objects the read is refused; convert it once, in an environment you
 trust (with pandas installed), keeping only the dicom_id keys:
-    python -c "import pickle; d = pickle.load(open('{SELECTION_PICKLE}', 'rb')); \\
+    python -c "import pickle, pandas as pd; d = pd.read_pickle('{SELECTION_PICKLE}'); \\
 pickle.dump(sorted(map(str, d.keys())), open('{SELECTION_PICKLE}.plain', 'wb'))"
 and set `selection_path` of the builder config to the .plain file (or replace the original with it)."""
 
