@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -501,7 +500,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla"))
+    parallel.enable_compilation_cache()
     try:
         records = run(args)
     except (ValueError, FileNotFoundError, ImageGenerationError, ImageLoadError) as e:  # incl. CheckpointError

@@ -186,3 +186,11 @@ def initialize(cfg: Any) -> None:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # errors that JAX raises instead of aborting
         raise RuntimeError(f"{hint} ({e})") from e
+
+
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """JAX's persistent compilation cache, on by default in the CLIs (`~/.cache/llmcxr_jax/xla`)."""
+    import os
+
+    default = os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", directory or default)

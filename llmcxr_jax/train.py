@@ -215,7 +215,7 @@ def topology_mesh(topology: str, shape: tuple[int, ...]) -> jax.sharding.Mesh:
 
 def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> Any:
     parallel.initialize(config.distributed)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla"))
+    parallel.enable_compilation_cache()
     mesh = topology_mesh(topology, config.mesh.shape) if topology else parallel.make_mesh(config.mesh.shape)
     rules = parallel.DEFAULT_RULES
     check_config(config, mesh)

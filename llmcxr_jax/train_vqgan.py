@@ -8,7 +8,6 @@ checkpoint later.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.topology:
         raise app.UsageError("--topology is implemented for the LM stages only")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llmcxr_jax", "xla"))
+    parallel.enable_compilation_cache()
     try:
         run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
