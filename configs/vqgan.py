@@ -38,7 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=16, num_steps=200_000, log_every=50, eval_every=2000, image_every=2000,
-        checkpoint_every=2000, keep_checkpoints=5, async_checkpoints=True, progress=True, dead_code_steps=1000))
+        checkpoint_every=2000, keep_checkpoints=5, async_checkpoints=True, progress=True, dead_code_steps=1000,
+        restart_dead_codes=False))  # True: codes unused for dead_code_steps move onto batch latents (not taming)
     c.export_dir = ""  # "" = WORKDIR/export
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, local_device_ids="", timeout_s=300))

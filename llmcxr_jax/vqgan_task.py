@@ -61,6 +61,7 @@ class StepConfig:
     lr: float
     seed: int = 0
     dead_after: int = 1000  # a code unused for this many steps counts as dead
+    restart_dead: bool = False  # move dead codes onto encoder outputs of the batch (not in taming)
 
 
 def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.Array]:
@@ -72,7 +73,8 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     grads, metrics, codes = losses.generator_grads(state.model, state.discriminator, state.lpips, images, factor,
                                                    cfg.loss, rng)
     state.gen_optimizer.update(state.model, grads)
-    reconstructions, _ = state.model(images)
+    latents = state.model.encode_latents(images)
+    reconstructions = state.model.decode_latents(state.model.quantize(latents).z_q)
     d_grads, d_metrics = losses.discriminator_grads(state.discriminator, images, reconstructions, factor)
     state.disc_optimizer.update(state.discriminator, d_grads)
 
@@ -81,10 +83,28 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     perplexity, used = losses.codebook_usage(codes, n_embed)
     chosen = jnp.bincount(codes.ravel(), length=n_embed) > 0
     state.last_used[...] = jnp.where(chosen, done, state.last_used[...])
-    dead = jnp.sum(done - state.last_used[...] >= cfg.dead_after).astype(jnp.float32)
+    dead_mask = done - state.last_used[...] >= cfg.dead_after
+    if cfg.restart_dead:
+        restart_dead_codes(state, latents, dead_mask, done, jax.random.fold_in(rng, 1))
+    dead = jnp.sum(dead_mask).astype(jnp.float32)
     return {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads), "disc_grad_norm": optax.tree.norm(d_grads),
             "lr": jnp.float32(cfg.lr), "perplexity": perplexity, "codes_used": used, "dead_codes": dead,
             "steps": jnp.ones((), jnp.float32)}
+
+
+def restart_dead_codes(state: VQGANTrainState, latents: jax.Array, dead_mask: jax.Array, done: jax.Array,
+                       rng: jax.Array) -> None:
+    """Each dead code jumps to a random pre-quantisation latent of the batch and counts as used now.
+
+    taming's codebook loss only moves chosen codes, so a code that loses every nearest-neighbour contest stays
+    dead for good; small VQ-GANs end up using a few dozen of their codes. Restarting them near the data (as
+    Jukebox and SoundStream do) gives them a second chance at the cost of nothing the loss sees.
+    """
+    flat = latents.reshape(-1, latents.shape[-1])
+    picks = flat[jax.random.randint(rng, dead_mask.shape, 0, flat.shape[0])]
+    embedding = state.model.quantize.embedding
+    embedding[...] = jnp.where(dead_mask[:, None], picks.astype(embedding.dtype), embedding[...])
+    state.last_used[...] = jnp.where(dead_mask, done, state.last_used[...])
 
 
 def eval_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.Array]:
@@ -200,7 +220,8 @@ def build_task(config: Any, preview: np.ndarray | None = None) -> trainer.Task:
         raise ValueError(f"config.model.dropout={vq_cfg.dropout}: training supports dropout 0 only (LLM-CXR's value)")
     lr = learning_rate(config)
     tx = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps)
-    step_cfg = StepConfig(loss=loss_cfg, lr=lr, seed=config.seed, dead_after=config.train.dead_code_steps)
+    step_cfg = StepConfig(loss=loss_cfg, lr=lr, seed=config.seed, dead_after=config.train.dead_code_steps,
+                          restart_dead=config.train.restart_dead_codes)
     use_lpips = loss_cfg.perceptual_weight > 0
     metadata = {"task": "vqgan", "vqgan_config": vq_cfg.to_dict(), "loss_config": dataclasses.asdict(loss_cfg)}
 

@@ -78,8 +78,7 @@ def test_loss_falls_and_the_discriminator_switches_on_at_disc_start():
     task = vqgan_task.build_task(config)
     graphdef, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
     batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
-    images = np.stack([r["image"] for r in phantom_records(1, 8, 32)])  # a fixed set of 8 phantoms
-    batch = {"images": np.repeat(images, 3, -1).astype(np.float32) / np.float32(255) * 2 - 1}
+    batch = _phantom_batch()
     with jax.set_mesh(mesh):
         state = task.initial_state(shardings)
         step = trainer.compile_train_step(task, graphdef, shardings, batch_sh)
@@ -105,6 +104,47 @@ def test_loss_falls_and_the_discriminator_switches_on_at_disc_start():
         # dead = unused for dead_code_steps (4) steps: none before step 4, never one chosen in this step
         assert (m["dead_codes"] == 0) if i < 3 else (0 <= m["dead_codes"] <= 64 - m["codes_used"]), (i, m)
     assert history[-1][0]["dead_codes"] > 0  # the tiny codebook collapses onto a few codes, as taming's does
+
+
+def _phantom_batch() -> dict[str, np.ndarray]:
+    images = np.stack([r["image"] for r in phantom_records(1, 8, 32)])  # a fixed set of 8 phantoms
+    return {"images": np.repeat(images, 3, -1).astype(np.float32) / np.float32(255) * 2 - 1}
+
+
+def test_dead_codes_restart_onto_batch_latents_when_enabled():
+    """With restarts, every code found dead moves onto one of the step's encoder outputs and counts as used."""
+    used = {}
+    for restart in (False, True):
+        config = load_config("vqgan", "tiny")
+        config.loss.disc_start = 100
+        config.train.update(dead_code_steps=3, restart_dead_codes=restart)
+        mesh = mesh_of((1, 1, 1))
+        task = vqgan_task.build_task(config)
+        graphdef, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
+        batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
+        batch = _phantom_batch()
+        chosen, restarted_total = set(), 0
+        with jax.set_mesh(mesh):
+            state = task.initial_state(shardings)
+            step = trainer.compile_train_step(task, graphdef, shardings, batch_sh)
+            for i in range(10):
+                before = np.asarray(state["model"]["quantize"]["embedding"].get_value())
+                state, metrics = step(state, trainer.to_global(batch, batch_sh))
+                model = nnx.merge(graphdef, state).model
+                latents = np.asarray(model.encode_latents(jnp.asarray(batch["images"]))).reshape(-1, 32)
+                chosen |= set(np.asarray(model.quantize.indices(jnp.asarray(latents))).tolist())
+                after = np.asarray(model.quantize.embedding.get_value())
+                last_used = np.asarray(state["last_used"].get_value())
+                if restart and metrics["dead_codes"] > 0:
+                    moved = np.flatnonzero(np.any(before != after, axis=1) & (last_used == i + 1))
+                    assert len(moved) >= int(metrics["dead_codes"]), (i, moved, metrics["dead_codes"])
+                    distance = np.min(np.linalg.norm(after[moved][:, None] - latents[None], axis=-1), axis=1)
+                    restarted = moved[distance < 1e-5]
+                    assert len(restarted) == int(metrics["dead_codes"]), (i, len(restarted), metrics["dead_codes"])
+                    restarted_total += len(restarted)
+        assert (restarted_total > 0) == restart, restarted_total
+        used[restart] = len(chosen)
+    assert used[True] > used[False], used  # restarted codes win nearest-neighbour contests again
 
 
 def test_cli_run_logs_pictures_and_evaluation_and_exports(straight):
