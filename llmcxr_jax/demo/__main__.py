@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llmcxr_jax.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (page, PNGs, metrics, all artifacts)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_train", type=int, default=4000, help="training phantoms")
+    parser.add_argument("--num_train", type=int, default=8000, help="training phantoms")
     parser.add_argument("--num_test", type=int, default=200, help="test phantoms (scored)")
     parser.add_argument("--vqgan_steps", type=int, default=300)
     parser.add_argument("--stage1_steps", type=int, default=100)

@@ -52,8 +52,9 @@ def write(out: Path, test_cases, generated: dict[str, Any], results: dict[str, A
 vertical-align:top}} table{{border-collapse:collapse;margin-bottom:2em}}</style></head><body>
 <h1>llmcxr-jax demo on chest X-ray phantoms</h1>
 <p>{results['num_train']} training and {results['num_test']} test phantoms; VQ-GAN, LM stage 1 and stage 2 trained
-here on a CPU in {results['timing_s']:.0f} s. Scores are finding-label F1 of the phantom judges against the true
-labels of the test phantoms.</p>
+here on a CPU. This run of the demo took {results['timing_s']:.0f} s (a rerun into the same directory resumes the
+stages already finished there). Scores are finding-label F1 of the phantom judges against the true
+labels of the test phantoms; random baselines are means over {results['baseline_draws']} draws.</p>
 <h2>Scores</h2>
 <table><tr><th>direction</th><th>what</th><th>macro-F1</th><th>micro-F1</th></tr>
 {_score_rows(results)}</table>

@@ -15,6 +15,7 @@ from llmcxr_jax.data.reports import parse_report
 from llmcxr_jax.demo import page, phantom_mimic
 
 SAMPLE_BATCH = 40
+BASELINE_DRAWS = 10  # random baselines are averaged over this many draws (one draw of 200 varies by ±0.02)
 
 
 def run(args: argparse.Namespace, out: Path, progress: Any) -> dict[str, Any]:
@@ -144,25 +145,30 @@ def _score(vqgan, train_cases, test_cases, generated, seed: int) -> dict[str, An
     train_truth = phantom_mimic.label_matrix(train_cases)
     names = phantom.LABELS
     freq = metrics.label_frequencies(train_truth)
+    n = len(test_cases)
     reports = generated["generated_reports"]
     report_labels = phantom.report_label_array(reports)
     judge = phantom.train_image_judge(size=generated["generated_images"].shape[-1])
-    random_train = np.random.default_rng(seed).choice(len(train_cases), len(test_cases), replace=False)
-    train_images = np.stack([_read(train_cases[i].image_path) for i in random_train])
+    rng = np.random.default_rng(seed)
+    draws = [rng.choice(len(train_cases), n, replace=False) for _ in range(BASELINE_DRAWS)]
+    train_images = np.stack([_read(train_cases[i].image_path) for draw in draws for i in draw])
+    judged = judge.predict(train_images).reshape(BASELINE_DRAWS, n, len(names))
     true_images = np.stack([_read(c.image_path) for c in test_cases])
     scores = {
         "reports": {
             "generated": metrics.label_scores(truth, report_labels, names),
-            "baseline_prior_random": metrics.label_scores(
-                truth, metrics.prior_random_labels(freq, len(test_cases), seed), names),
-            "baseline_all_normal": metrics.label_scores(truth, metrics.all_normal_labels(len(test_cases)), names),
+            "baseline_prior_random": _mean_scores(
+                [metrics.label_scores(truth, metrics.prior_random_labels(freq, n, seed + k), names)
+                 for k in range(BASELINE_DRAWS)]),
+            "baseline_all_normal": metrics.label_scores(truth, metrics.all_normal_labels(n), names),
             "bleu": dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"),
                              metrics.bleu(reports, [[r] for r in generated["impressions"]]))),
             "rougeL": metrics.mean_rouge_l(reports, generated["impressions"]),
         },
         "images": {
             "generated": metrics.label_scores(truth, judge.predict(generated["generated_images"]), names),
-            "baseline_prior_random_train_images": metrics.label_scores(truth, judge.predict(train_images), names),
+            "baseline_prior_random_train_images": _mean_scores(
+                [metrics.label_scores(truth, predicted, names) for predicted in judged]),
             "ceiling_vqgan_reconstructions": metrics.label_scores(
                 truth, judge.predict(generated["reconstructions"]), names),
         },
@@ -173,9 +179,15 @@ def _score(vqgan, train_cases, test_cases, generated, seed: int) -> dict[str, An
             "codebook_usage_generated": metrics.codebook_usage(generated["generated_codes"],
                                                                vqgan.config.num_codes)._asdict(),
         },
-        "num_test": len(test_cases), "num_train": len(train_cases),
+        "num_test": n, "num_train": len(train_cases), "baseline_draws": BASELINE_DRAWS,
     }
     return scores
+
+
+def _mean_scores(draws: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of several draws' scores, plus the spread of their macro-F1."""
+    mean = {key: float(np.mean([d[key] for d in draws])) for key in draws[0]}
+    return {**mean, "macro_f1_std": float(np.std([d["macro_f1"] for d in draws]))}
 
 
 def _read(path: str) -> np.ndarray:
