@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from llmcxr_jax.data.mimic_builder import MimicCxrConfig, MimicCxrLlmcxr
@@ -30,3 +31,24 @@ def test_phantoms_as_mimic_files_build_with_the_mimic_builder(tmp_path):
         assert counts["train"]["kept"] == 6 and counts["validation"]["kept"] == 2, counts
         records = tfds.data_source(f"mimic_cxr_llmcxr/t{stage}", data_dir=tmp_path / "tfds", split="validation")
         assert {r["report"].decode() for r in records} == {parse_report(c.report, stage) for c in cases[6:]}
+
+
+def test_random_baselines_are_averaged_and_the_page_shows_every_score(tmp_path):
+    from llmcxr_jax.demo import page, pipeline
+
+    draws = [{"macro_f1": 0.1, "micro_f1": 0.2}, {"macro_f1": 0.3, "micro_f1": 0.4}]
+    assert pipeline._mean_scores(draws) == pytest.approx({"macro_f1": 0.2, "micro_f1": 0.3, "macro_f1_std": 0.1})
+    cases = [phantom_mimic.Case(f"d{i}", "test", f"/x/d{i}.png", "IMPRESSION: x", (0,) * len(LABELS))
+             for i in range(2)]
+    generated = {"generated_images": np.zeros((2, 8, 8), np.uint8), "reconstructions": np.zeros((2, 8, 8), np.uint8),
+                 "impressions": ["a <b>", "c"], "generated_reports": ["r1", "r2"]}
+    score = {"macro_f1": 0.25, "micro_f1": 0.5}
+    results = {"reports": {"generated": score, "baseline_prior_random": {**score, "macro_f1": 0.125},
+                           "bleu": {"bleu4": 0.1}, "rougeL": 0.2},
+               "images": {"generated": score, "baseline_prior_random_train_images": score},
+               "vqgan": {"psnr_test_db": 20.0, "codebook_usage_test": {"perplexity": 3.0}},
+               "num_train": 5, "num_test": 2, "timing_s": 12.0, "baseline_draws": 10}
+    text = page.write(tmp_path, cases, generated, results).read_text()
+    assert "means over 10 draws" in text and "a &lt;b&gt;" in text
+    assert text.count("<td>baseline_prior_random") == 2 and "<td>0.125</td>" in text
+    assert (tmp_path / "images" / "d1_generated.png").is_file()
