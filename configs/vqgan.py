@@ -58,7 +58,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                        attn_resolutions=(8,), n_embed=256, embed_dim=64)
         c.loss.update(disc_start=250, perceptual_weight=0.0, disc_ndf=32)  # the GAN joins for the last 50 steps
         c.data.update(source="phantoms", num_images=2000, num_eval_images=64, eval_batches=8, preview_images=8)
-        c.optim.update(base_lr=2e-4, scale_lr=False)
+        c.optim.update(base_lr=1e-3, scale_lr=False)  # 2e-4 lost every pacemaker in 300 steps (NOTES.md)
         c.train.update(global_batch_size=8, num_steps=300, log_every=25, eval_every=150, image_every=50,
                        checkpoint_every=150, dead_code_steps=100)
     elif arg:
