@@ -10,6 +10,8 @@ Images are generated in a constrained mode by default: `<`, exactly the VQ-GAN g
 (all other ids masked), then the forced rest of a training sequence (`>`, two newlines, `### End`);
 `image_mode="resample"` samples freely like the original and redraws rows that did not yield a full grid, at
 most `max_tries` times. A row's draws depend only on the seed and its index, not on the batch it falls into.
+`guidance_scale` (constrained images only, off by default, not in the original) adds classifier-free guidance
+against the same instruction with an empty report, at twice the decoding work.
 """
 
 from __future__ import annotations
@@ -152,16 +154,25 @@ class Sampler:
     # ---- token level --------------------------------------------------------------------------------------
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], spec: DecodeSpec, *, seed: int,
-                 row_ids: Sequence[int] | None = None, attempt: int = 0, progress: bool = False) -> Generated:
-        """New ids after each prompt, in batches of `batch_size`; row r draws from (seed, row_ids[r], attempt)."""
+                 row_ids: Sequence[int] | None = None, attempt: int = 0, progress: bool = False,
+                 unconditional_ids: Sequence[Sequence[int]] | None = None) -> Generated:
+        """New ids after each prompt, in batches of `batch_size`; row r draws from (seed, row_ids[r], attempt).
+
+        `unconditional_ids` (one per prompt) are the twins that `spec.guidance_scale` guides away from.
+        """
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
         row_ids = list(range(len(prompt_ids)) if row_ids is None else row_ids)
         if len(row_ids) != len(prompt_ids):
             raise ValueError(f"{len(row_ids)} row ids for {len(prompt_ids)} prompts")
-        if any(len(p) == 0 for p in prompt_ids):
+        if (spec.guidance_scale is None) != (unconditional_ids is None):
+            raise ValueError("spec.guidance_scale and unconditional_ids go together: give both or neither")
+        twins = [list(p) for p in unconditional_ids] if unconditional_ids is not None else None
+        if twins is not None and len(twins) != len(prompt_ids):
+            raise ValueError(f"{len(twins)} unconditional prompts for {len(prompt_ids)} prompts")
+        if any(len(p) == 0 for p in [*prompt_ids, *(twins or [])]):
             raise ValueError("empty prompt: every prompt needs at least one token")
-        longest = max((len(p) for p in prompt_ids), default=0)
+        longest = max((len(p) for p in [*prompt_ids, *(twins or [])]), default=0)
         if longest + spec.max_new_tokens > self.max_positions:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {spec.max_new_tokens} exceeds the "
                              f"model's max_position_embeddings {self.max_positions}; shorten the input or lower "
@@ -170,17 +181,23 @@ class Sampler:
         ids, timings = [], []
         for start in tqdm(range(0, len(prompt_ids), rows), disable=not progress, unit="batch", desc="generate"):
             chunk = [list(p) for p in prompt_ids[start:start + rows]]
-            new, timing = self._generate_batch(chunk, row_ids[start:start + rows], rows, spec, seed, attempt)
+            twin_chunk = twins[start:start + rows] if twins is not None else None
+            new, timing = self._generate_batch(chunk, row_ids[start:start + rows], rows, spec, seed, attempt,
+                                               twin_chunk)
             ids += new
             timings += [timing] * len(chunk)
         return Generated(ids, timings)
 
     def _generate_batch(self, chunk: list[list[int]], row_ids: list[int], rows: int, spec: DecodeSpec,
-                        seed: int, attempt: int) -> tuple[list[np.ndarray], dict[str, float]]:
-        width = _round_up(max(len(p) for p in chunk), self.prompt_multiple)
-        ids = np.full((rows, width), spec.pad_id, np.int32)
-        valid = np.zeros((rows, width), bool)
-        padded = chunk + [chunk[-1]] * (rows - len(chunk))  # fill rows are dropped below
+                        seed: int, attempt: int, twins: list[list[int]] | None
+                        ) -> tuple[list[np.ndarray], dict[str, float]]:
+        fill = rows - len(chunk)  # fill rows repeat the last prompt and are dropped below
+        padded = chunk + [chunk[-1]] * fill
+        if twins is not None:  # decode's layout: the prompts, then their unconditional twins
+            padded += twins + [twins[-1]] * fill
+        width = _round_up(max(len(p) for p in padded), self.prompt_multiple)
+        ids = np.full((len(padded), width), spec.pad_id, np.int32)
+        valid = np.zeros((len(padded), width), bool)
         for r, p in enumerate(padded):
             ids[r, width - len(p):], valid[r, width - len(p):] = p, True
         ids_r = np.array(row_ids + [row_ids[-1]] * (rows - len(chunk)), np.int32)
@@ -223,16 +240,26 @@ class Sampler:
     def report_to_cxr(self, reports: Sequence[str], *, instruction: str | Sequence[str] | None = None,
                       seed: int = prompts.DEFAULT_SEED, image_mode: Literal["constrained", "resample"] = "constrained",
                       max_tries: int = 10, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS["report2cxr"],
-                      progress: bool = False) -> ImageResult:
-        """Chest X-ray codes (and images, with a VQ-GAN) for reports; see the module docstring for the modes."""
+                      guidance_scale: float | None = None, progress: bool = False) -> ImageResult:
+        """Chest X-ray codes (and images, with a VQ-GAN) for reports; see the module docstring for the modes.
+
+        `guidance_scale` (constrained mode only; not in the original) guides each image away from the one the
+        same instruction with an empty report would give: classifier-free guidance, `DecodeSpec`.
+        """
         h, w = self._grid()
+        if guidance_scale is not None and image_mode != "constrained":
+            raise ValueError(f"guidance_scale needs image_mode='constrained', got image_mode={image_mode!r}")
         instructions = self._instructions(instruction, len(reports), "report2cxr", seed)
         base = [prompts.generation_prompt_ids(self.tokenizer, i, input_text=r) for i, r in zip(instructions, reports)]
         if image_mode == "constrained":
             offset = self.tokenizer.image_offset
             spec = DecodeSpec(h * w, self.sampling, pad_id=self.tokenizer.pad_id,
-                              allowed=(offset, offset + self.tokenizer.num_image_codes))
-            gen = self.generate([p + [self._image_open] for p in base], spec, seed=seed, progress=progress)
+                              allowed=(offset, offset + self.tokenizer.num_image_codes), guidance_scale=guidance_scale)
+            twins = None if guidance_scale is None else [
+                prompts.generation_prompt_ids(self.tokenizer, i, input_text="") + [self._image_open]
+                for i in instructions]
+            gen = self.generate([p + [self._image_open] for p in base], spec, seed=seed, progress=progress,
+                                unconditional_ids=twins)
             codes = [self.tokenizer.ids_to_codes(ids) for ids in gen.ids]
             responses = [np.array([self._image_open, *ids, *self._image_close], np.int32) for ids in gen.ids]
             tries, timings = [1] * len(reports), gen.timings
@@ -434,6 +461,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "resample mode only; the constrained mode always makes exactly the grid's codes)")
     p.add_argument("--image_mode", choices=IMAGE_MODES, default="constrained")
     p.add_argument("--max_tries", type=int, default=10, help="resample mode: draws per row before giving up")
+    p.add_argument("--guidance_scale", type=float, help="report2cxr, constrained mode: classifier-free guidance "
+                   "against an empty report (not in the original; 1 = none, larger = closer to the report)")
     p.add_argument("--dtype", default="bfloat16", help="LM parameter and compute dtype")
     p.add_argument("--mesh", default="", help="mesh shape data,fsdp,tensor (e.g. 1,-1,1); default one device")
     return p.parse_args(argv)
@@ -460,6 +489,8 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Generate for every input and write `results.jsonl` (and PNGs for report2cxr) to `args.out`."""
     inputs = read_inputs(args)
+    if args.guidance_scale is not None and args.task != "report2cxr":
+        raise ValueError(f"--guidance_scale is only for report2cxr, not {args.task}")
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     mesh = parallel.make_mesh([int(s) for s in args.mesh.split(",")]) if args.mesh else None
     sampler = Sampler.from_checkpoint(args.checkpoint, args.vqgan, mesh=mesh, dtype=args.dtype,
@@ -471,7 +502,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     if args.task == "report2cxr":
         result = sampler.report_to_cxr(inputs, instruction=args.instruction, image_mode=args.image_mode,
-                                       max_tries=args.max_tries, **common)
+                                       max_tries=args.max_tries, guidance_scale=args.guidance_scale, **common)
         pngs = postprocess(result.images) if result.images is not None else [None] * len(inputs)
         for i, png in enumerate(pngs):
             record = {"output": result.codes[i].tolist(), "tries": result.tries[i]}

@@ -17,6 +17,7 @@ differ, and of exactly tied scores at the boundary we keep all (HF keeps those i
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -57,6 +58,9 @@ class DecodeSpec:
 
     `end_id` stops a row once sampled (later positions get `pad_id`), None never stops. `allowed = (start, stop)`
     restricts every step to ids in [start, stop), as if all other logits were -inf before the warpers.
+    `guidance_scale` (not in the original) turns on classifier-free guidance: each row has an unconditional
+    twin prompt, and tokens are drawn from u + scale · (c - u) of the two rows' logits (1 = the conditional
+    model alone, larger = follow the condition more closely); both rows are fed the drawn token.
     """
 
     max_new_tokens: int
@@ -64,12 +68,15 @@ class DecodeSpec:
     end_id: int | None = None
     pad_id: int = 0
     allowed: tuple[int, int] | None = None
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.allowed is not None and not 0 <= self.allowed[0] < self.allowed[1]:
             raise ValueError(f"allowed must be an id range (start, stop) with 0 <= start < stop, got {self.allowed}")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (None = off), got {self.guidance_scale}")
 
 
 class Decoded(NamedTuple):
@@ -196,15 +203,29 @@ def _constrain_cache(cache: KVCache) -> KVCache:
                           valid=parallel.constrain(cache.valid, ("batch", "length")))
 
 
+def guided_logits(logits: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance over (2·batch, vocab) logits, conditional rows first: u + scale · (c - u), fp32."""
+    cond, uncond = jnp.split(logits.astype(jnp.float32), 2)
+    return uncond + scale * (cond - uncond)
+
+
 def decode(model: GPTNeoX, prompt_ids: jax.Array, prompt_valid: jax.Array, keys: jax.Array,
            spec: DecodeSpec) -> Decoded:
-    """Generate up to `spec.max_new_tokens` tokens after left-padded prompts (batch, width); traceable, pure.
+    """Generate up to `spec.max_new_tokens` tokens after left-padded prompts (rows, width); traceable, pure.
 
     The prompt's last column (a real token in every row, by left padding) is fed as the loop's first step, so the
     prefill never computes vocabulary logits it would throw away. The cache uses the model's compute dtype.
+    With `spec.guidance_scale`, rows are the batch's prompts then their unconditional twins (rows = 2·batch,
+    one key per batch row) and the result has batch rows.
     """
-    batch, width = prompt_ids.shape
-    cache = _constrain_cache(model.init_cache(batch, width - 1 + spec.max_new_tokens))
+    rows, width = prompt_ids.shape
+    guided = spec.guidance_scale is not None
+    batch = keys.shape[0]
+    expected = 2 * batch if guided else batch
+    if rows != expected:
+        raise ValueError(f"{rows} prompt rows for {batch} keys, expected {expected}"
+                         + (" (the prompts, then their unconditional twins)" if guided else ""))
+    cache = _constrain_cache(model.init_cache(rows, width - 1 + spec.max_new_tokens))
     _, cache = model.extend(prompt_ids[:, :-1], cache, prompt_valid[:, :-1])
     out = jnp.full((batch, spec.max_new_tokens), spec.pad_id, jnp.int32)
 
@@ -213,14 +234,15 @@ def decode(model: GPTNeoX, prompt_ids: jax.Array, prompt_valid: jax.Array, keys:
         return (step < spec.max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        cache, token, out, done, step = carry
-        logits, cache = model.extend(token[:, None], cache)
+        cache, fed, out, done, step = carry
+        logits, cache = model.extend(fed[:, None], cache)
+        logits = guided_logits(logits[:, -1], spec.guidance_scale) if guided else logits[:, -1]
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-        token = jnp.where(done, spec.pad_id, _select(logits[:, -1], step_keys, spec))
+        token = jnp.where(done, spec.pad_id, _select(logits, step_keys, spec))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         if spec.end_id is not None:
             done = done | (token == spec.end_id)
-        return cache, token, out, done, step + 1
+        return cache, jnp.concatenate([token, token]) if guided else token, out, done, step + 1
 
     init = (cache, prompt_ids[:, -1].astype(jnp.int32), out, jnp.zeros((batch,), bool), jnp.zeros((), jnp.int32))
     _, _, out, _, steps = jax.lax.while_loop(cond, body, init)
