@@ -41,14 +41,17 @@ def test_random_baselines_are_averaged_and_the_page_shows_every_score(tmp_path):
     cases = [phantom_mimic.Case(f"d{i}", "test", f"/x/d{i}.png", "IMPRESSION: x", (0,) * len(LABELS))
              for i in range(2)]
     generated = {"generated_images": np.zeros((2, 8, 8), np.uint8), "reconstructions": np.zeros((2, 8, 8), np.uint8),
-                 "impressions": ["a <b>", "c"], "generated_reports": ["r1", "r2"]}
+                 "guided_images": np.zeros((2, 8, 8), np.uint8), "impressions": ["a <b>", "c"],
+                 "generated_reports": ["r1", "r2"]}
     score = {"macro_f1": 0.25, "micro_f1": 0.5}
     results = {"reports": {"generated": score, "baseline_prior_random": {**score, "macro_f1": 0.125},
                            "bleu": {"bleu4": 0.1}, "rougeL": 0.2},
-               "images": {"generated": score, "baseline_prior_random_train_images": score},
+               "images": {"generated": score, "generated_guided_2": score,
+                          "baseline_prior_random_train_images": score},
                "vqgan": {"psnr_test_db": 20.0, "codebook_usage_test": {"perplexity": 3.0}},
-               "num_train": 5, "num_test": 2, "timing_s": 12.0, "baseline_draws": 10}
+               "num_train": 5, "num_test": 2, "timing_s": 12.0, "baseline_draws": 10, "guidance_scale": 2.0}
     text = page.write(tmp_path, cases, generated, results).read_text()
     assert "means over 10 draws" in text and "a &lt;b&gt;" in text
     assert text.count("<td>baseline_prior_random") == 2 and "<td>0.125</td>" in text
-    assert (tmp_path / "images" / "d1_generated.png").is_file()
+    assert "<td>generated_guided_2</td>" in text and "guidance at scale\n2 against" in text
+    assert (tmp_path / "images" / "d1_generated.png").is_file() and (tmp_path / "images" / "d1_guided.png").is_file()

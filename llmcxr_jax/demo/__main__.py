@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_test", type=int, default=200, help="test phantoms (scored)")
     parser.add_argument("--vqgan_steps", type=int, default=300)
     parser.add_argument("--stage1_steps", type=int, default=100)
-    parser.add_argument("--stage2_steps", type=int, default=1300)
+    parser.add_argument("--stage2_steps", type=int, default=1700)
     parser.add_argument("--lm_batch", type=int, default=16, help="LM global batch (sequences per step)")
     parser.add_argument("--tokenizer_vocab", type=int, default=1000,
                         help="text vocabulary of the demo BPE (phantom reports saturate near 1000)")

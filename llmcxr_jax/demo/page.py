@@ -40,9 +40,11 @@ def write(out: Path, test_cases, generated: dict[str, Any], results: dict[str, A
     for i, case in enumerate(test_cases[:NUM_EXAMPLES]):
         true_src = f"../manual/images/{Path(case.image_path).name}"
         gen_src = _png(generated["generated_images"][i], out / "images" / f"{case.dicom_id}_generated.png")
+        guided_src = _png(generated["guided_images"][i], out / "images" / f"{case.dicom_id}_guided.png")
         rec_src = _png(generated["reconstructions"][i], out / "images" / f"{case.dicom_id}_reconstruction.png")
         rows_r2c.append(f"<tr><td>{html.escape(generated['impressions'][i])}</td><td>{_img(gen_src, size)}</td>"
-                        f"<td>{_img(true_src, size)}</td><td>{_img(rec_src, size)}</td></tr>")
+                        f"<td>{_img(guided_src, size)}</td><td>{_img(true_src, size)}</td>"
+                        f"<td>{_img(rec_src, size)}</td></tr>")
         rows_c2r.append(f"<tr><td>{_img(true_src, size)}</td><td>{html.escape(generated['generated_reports'][i])}</td>"
                         f"<td>{html.escape(generated['impressions'][i])}</td></tr>")
     reports, vq = results["reports"], results["vqgan"]
@@ -62,7 +64,10 @@ labels of the test phantoms; random baselines are means over {results['baseline_
 impressions. VQ-GAN: reconstruction PSNR {vq['psnr_test_db']:.1f} dB, perplexity of test codes
 {vq['codebook_usage_test']['perplexity']:.1f}.</p>
 <h2>Report → chest X-ray</h2>
-<table><tr><th>input report (impression)</th><th>generated</th><th>true image</th><th>VQ-GAN reconstruction</th></tr>
+<p>Images are sampled as the original does (top-p 0.92), and again with classifier-free guidance at scale
+{results['guidance_scale']:g} against the same instruction with an empty report (not in the original).</p>
+<table><tr><th>input report (impression)</th><th>generated</th><th>generated, guided</th><th>true image</th>
+<th>VQ-GAN reconstruction</th></tr>
 {''.join(rows_r2c)}</table>
 <h2>Chest X-ray → report</h2>
 <table><tr><th>input image</th><th>generated report</th><th>true report (impression)</th></tr>
