@@ -170,9 +170,10 @@ class Sampler:
         twins = [list(p) for p in unconditional_ids] if unconditional_ids is not None else None
         if twins is not None and len(twins) != len(prompt_ids):
             raise ValueError(f"{len(twins)} unconditional prompts for {len(prompt_ids)} prompts")
-        if any(len(p) == 0 for p in [*prompt_ids, *(twins or [])]):
+        every_prompt = [*prompt_ids, *(twins or [])]
+        if any(len(p) == 0 for p in every_prompt):
             raise ValueError("empty prompt: every prompt needs at least one token")
-        longest = max((len(p) for p in [*prompt_ids, *(twins or [])]), default=0)
+        longest = max((len(p) for p in every_prompt), default=0)
         if longest + spec.max_new_tokens > self.max_positions:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {spec.max_new_tokens} exceeds the "
                              f"model's max_position_embeddings {self.max_positions}; shorten the input or lower "
