@@ -74,6 +74,8 @@ def measure_ours(args: argparse.Namespace) -> dict:
         batch = {"input_ids": rng.integers(1, shape["vocab_size"], (args.batch, args.seq)).astype(np.int32),
                  "loss_weights": np.ones((args.batch, args.seq), np.float32)}
         batch = trainer.to_global(batch, batch_sh)
+        step = step.lower(state, batch).compile()
+        hlo = step.as_text()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
@@ -85,8 +87,12 @@ def measure_ours(args: argparse.Namespace) -> dict:
             jax.block_until_ready(metrics)
             times.append((time.perf_counter() - t) / args.steps)
     device = jax.devices()[0]
-    return _result("ours", args, statistics.median(times), compile_s, device.device_kind, jax.device_count(),
-                   float(metrics["loss"]))
+    result = _result("ours", args, statistics.median(times), compile_s, device.device_kind, jax.device_count(),
+                     float(metrics["loss"]))
+    memory = device.memory_stats() or {}  # None on CPU
+    result.update(jax=jax.__version__, fused_attention="__cudnn$fmha" in hlo,
+                  peak_gib=round(memory.get("peak_bytes_in_use", 0) / 2**30, 1))
+    return result
 
 
 def measure_reference(args: argparse.Namespace) -> dict:
@@ -98,7 +104,8 @@ def measure_reference(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     hf_config = transformers.GPTNeoXConfig(**shape, rotary_pct=0.25, use_parallel_residual=True,
                                            max_position_embeddings=max(2048, args.seq))
-    model = transformers.GPTNeoXForCausalLM(hf_config).to(device)
+    with device:  # initialise on the card: a CPU init of 2.8B weights takes minutes of a short lease
+        model = transformers.GPTNeoXForCausalLM(hf_config)
     if args.remat != "none":
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
@@ -128,7 +135,10 @@ def measure_reference(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t) / args.steps)
     kind = torch.cuda.get_device_name() if cuda else "cpu"
-    return _result("transformers", args, statistics.median(times), compile_s, kind, 1, float(loss))
+    result = _result("transformers", args, statistics.median(times), compile_s, kind, 1, float(loss))
+    result.update(torch=torch.__version__, transformers=transformers.__version__,
+                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else 0.0)
+    return result
 
 
 def _result(impl: str, args: argparse.Namespace, step_s: float, first_s: float, kind: str, devices: int,
@@ -177,10 +187,12 @@ def main() -> None:
         for r in results:
             print(json.dumps(r))
             f.write(json.dumps(r) + "\n")
-    print(f"\n{'impl':<14}{'shape':<12}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}  device")
+    print(f"\n{'impl':<14}{'shape':<8}{'batch':>6}{'remat':>15}{'tokens/s':>10}{'step ms':>9}{'MFU':>7}"
+          f"{'peak GiB':>9}{'first s':>8}  device")
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        print(f"{r['impl']:<14}{r['shape']:<12}{r['tokens_per_s']:>12.0f}{r['step_s'] * 1e3:>10.1f}{mfu:>8}  {r['device']}")
+        print(f"{r['impl']:<14}{r['shape']:<8}{r['batch']:>6}{r['remat']:>15}{r['tokens_per_s']:>10.0f}"
+              f"{r['step_s'] * 1e3:>9.1f}{mfu:>7}{r['peak_gib']:>9.1f}{r['first_step_s']:>8.1f}  {r['device']}")
     if len(results) == 2:
         print(f"ratio ours/transformers: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
 
