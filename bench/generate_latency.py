@@ -31,9 +31,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llmcxr_jax.convert import save_hf_model  # noqa: E402
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig  # noqa: E402
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, unstack_layers  # noqa: E402
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys  # noqa: E402
-from timing import median_seconds  # bench/timing.py (scripts run from bench/)
+from profile_ops import profile_top_ops  # noqa: E402  (bench/, like timing)
+from timing import median_seconds  # noqa: E402  bench/timing.py (scripts run from bench/)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.jsonl"
 VOCAB, IMAGE_OFFSET, NUM_CODES = 51305, 50281, 1024
@@ -57,18 +58,29 @@ def prompts(batch: int) -> np.ndarray:
     return np.random.default_rng(batch).integers(1, IMAGE_OFFSET - 4, (batch, PROMPT_LEN)).astype(np.int32)
 
 
-def bench_ours(model: GPTNeoX, batch: int, spec: DecodeSpec, warmup: int, repeats: int) -> tuple[float, float]:
-    graphdef, state = nnx.split(model)
+def bench_ours(model: GPTNeoX, batch: int, spec: DecodeSpec, args: argparse.Namespace,
+               label: str) -> tuple[float, float]:
+    """Median seconds per `decode` call and the first call's. Layouts: `stacked` weights scanned, `unstacked`
+    (one buffer per layer, `unstack_layers` before jit), `unrolled` (stacked weights, unstacked inside jit)."""
+    graphdef, state = nnx.split(unstack_layers(model) if args.layout == "unstacked" else model)
 
     @jax.jit
     def run(state, ids, valid, seed):
-        return decode(nnx.merge(graphdef, state), ids, valid, row_keys(seed, jnp.arange(ids.shape[0])), spec).tokens
+        module = nnx.merge(graphdef, state)
+        module = unstack_layers(module) if args.layout == "unrolled" else module
+        return decode(module, ids, valid, row_keys(seed, jnp.arange(ids.shape[0])), spec).tokens
 
     ids = jnp.asarray(prompts(batch))
     valid = jnp.ones_like(ids, bool)
     seeds = iter(range(1_000_000))
-    return median_seconds(lambda: run(state, ids, valid, jnp.uint32(next(seeds))).block_until_ready(),
-                          warmup, repeats)
+
+    def call():
+        return run(state, ids, valid, jnp.uint32(next(seeds))).block_until_ready()
+
+    timed = median_seconds(call, args.warmup, args.repeats)
+    if args.profile:
+        profile_top_ops(call, f"decode {args.layout} {label} b{batch}", args.profile)
+    return timed
 
 
 def bench_transformers(hf_dir: str, dtype: str, batches: list[int], warmup: int, repeats: int,
@@ -101,9 +113,11 @@ def bench_transformers(hf_dir: str, dtype: str, batches: list[int], warmup: int,
 def record(impl: str, measure: str, batch: int, seconds: float, args: argparse.Namespace, device: str,
            first_call_s: float | None = None) -> dict:
     row = {"bench": "generate_latency", "impl": impl, "measure": measure, "shape": args.shape, "batch": batch,
-           "dtype": args.dtype, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+           "dtype": args.dtype, "layout": args.layout if impl == "jax" else None, "prompt_len": PROMPT_LEN,
+           "new_tokens": NEW_TOKENS,
            "ms_per_token": round(1e3 * seconds / NEW_TOKENS, 3), "tokens_per_s": round(batch * NEW_TOKENS / seconds, 1),
            "s_per_call": round(seconds, 4), "repeats": args.repeats, "device": device,
+           "xla_flags": os.environ.get("XLA_FLAGS", "") if impl == "jax" else None,
            "date": datetime.date.today().isoformat()}
     if measure == "image":
         row["s_per_image"] = round(seconds / batch, 4)
@@ -121,37 +135,41 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="calls before timing (the first compiles)")
     parser.add_argument("--ref", action="store_true", help="also time transformers' generate on the same weights")
     parser.add_argument("--torch_threads", type=int, help="torch CPU threads")
+    parser.add_argument("--layout", choices=["stacked", "unstacked", "unrolled"], default="stacked",
+                        help="our layer weights while decoding (see bench_ours)")
+    parser.add_argument("--profile", type=Path, help="also trace one call per measurement; top ops appended here")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     model = GPTNeoX(model_config(args.shape, args.dtype), rngs=nnx.Rngs(0))
     device = f"jax {jax.__version__} {jax.devices()[0].device_kind}"
-    rows = []
-    text = DecodeSpec(NEW_TOKENS, SAMPLING)
-    for batch in batches:
-        seconds, first = bench_ours(model, batch, text, args.warmup, args.repeats)
-        rows.append(record("jax", "text", batch, seconds, args, device, first))
-    image = DecodeSpec(NEW_TOKENS, SAMPLING, allowed=(IMAGE_OFFSET, IMAGE_OFFSET + NUM_CODES))
-    seconds, first = bench_ours(model, 1, image, args.warmup, args.repeats)
-    rows.append(record("jax", "image", 1, seconds, args, device, first))
-    if args.ref:
-        with tempfile.TemporaryDirectory() as hf_dir:
+    with tempfile.TemporaryDirectory() as hf_dir:
+        if args.ref:  # before any re-layout of our weights
             save_hf_model(model, hf_dir)
+        rows = []
+        text = DecodeSpec(NEW_TOKENS, SAMPLING)
+        for batch in batches:
+            seconds, first = bench_ours(model, batch, text, args, "text")
+            rows.append(record("jax", "text", batch, seconds, args, device, first))
+        image = DecodeSpec(NEW_TOKENS, SAMPLING, allowed=(IMAGE_OFFSET, IMAGE_OFFSET + NUM_CODES))
+        seconds, first = bench_ours(model, 1, image, args, "image")
+        rows.append(record("jax", "image", 1, seconds, args, device, first))
+        if args.ref:
             del model
             times, ref_device = bench_transformers(hf_dir, args.dtype, batches, args.warmup, args.repeats,
                                                    args.torch_threads)
-        rows += [record("transformers", "text", b, s, args, ref_device) for b, s in times.items()]
-        if 1 in times:
-            rows.append(record("transformers", "image", 1, times[1], args, ref_device))
+            rows += [record("transformers", "text", b, s, args, ref_device) for b, s in times.items()]
+            if 1 in times:
+                rows.append(record("transformers", "image", 1, times[1], args, ref_device))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         for row in rows:
             print(json.dumps(row))
             f.write(json.dumps(row) + "\n")
-    print(f"\n{'impl':13} {'measure':7} {'shape':10} {'batch':>5} {'dtype':9} {'ms/token':>9} {'tokens/s':>9} "
-          f"{'s/image':>8}")
+    print(f"\n{'impl':13} {'layout':10} {'measure':7} {'shape':10} {'batch':>5} {'dtype':9} {'ms/token':>9} "
+          f"{'tokens/s':>9} {'s/image':>8}")
     for r in rows:
-        print(f"{r['impl']:13} {r['measure']:7} {r['shape']:10} {r['batch']:>5} {r['dtype']:9} "
+        print(f"{r['impl']:13} {r['layout'] or '-':10} {r['measure']:7} {r['shape']:10} {r['batch']:>5} {r['dtype']:9} "
               f"{r['ms_per_token']:>9.3f} {r['tokens_per_s']:>9.1f} {r.get('s_per_image', float('nan')):>8.3f}")
 
 

@@ -86,11 +86,22 @@ def measure_ours(args: argparse.Namespace) -> dict:
                 state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
             times.append((time.perf_counter() - t) / args.steps)
+        if args.profile:
+            from profile_ops import profile_top_ops  # bench/ (the script's folder)
+
+            def one_step() -> None:
+                nonlocal state
+                state, step_metrics = step(state, batch)
+                jax.block_until_ready(step_metrics)
+
+            profile_top_ops(one_step, f"train {args.shape} b{args.batch} {args.remat} {args.attention}",
+                            Path(args.profile))
     device = jax.devices()[0]
     result = _result("ours", args, statistics.median(times), compile_s, device.device_kind, jax.device_count(),
                      float(metrics["loss"]))
     memory = device.memory_stats() or {}  # None on CPU
-    result.update(jax=jax.__version__, fused_attention="__cudnn$fmha" in hlo,
+    result.update(jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), mu_dtype=args.mu_dtype,
+                  fused_attention="__cudnn$fmha" in hlo,
                   peak_gib=round(memory.get("peak_bytes_in_use", 0) / 2**30, 1))
     return result
 
@@ -159,7 +170,9 @@ def _child(args: argparse.Namespace, impl: str) -> dict:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    *printed, result = out.stdout.strip().splitlines()
+    print("\n".join(printed))  # e.g. --profile's table
+    return json.loads(result)
 
 
 def main() -> None:
@@ -175,6 +188,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ref", action="store_true", help="also run the transformers reference")
+    parser.add_argument("--profile", help="also trace one of our steps; its top ops are appended to this file")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.jsonl"))
     parser.add_argument("--child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     args = parser.parse_args()

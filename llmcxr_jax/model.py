@@ -175,6 +175,38 @@ class LayerStack(nnx.Module):
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
+class _LayerWeights(nnx.Module):
+    """One block's weights (a slice of `LayerStack` in a buffer of its own)."""
+
+    def __init__(self, params: dict[str, nnx.Param], layer: int):
+        for name, param in params.items():
+            axes = param.get_metadata().get("logical_axes")
+            setattr(self, name, nnx.Param(param[...][layer], **({"logical_axes": axes[1:]} if axes else {})))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class UnstackedLayers(nnx.Module):
+    """`LayerStack`'s weights with one buffer per layer, applied by an unrolled loop (see `unstack_layers`)."""
+
+    def __init__(self, stack: LayerStack, num_layers: int):
+        params = {k: v for k, v in vars(stack).items() if isinstance(v, nnx.Param)}
+        self.blocks = nnx.List([_LayerWeights(params, i) for i in range(num_layers)])
+
+
+def unstack_layers(model: "GPTNeoX") -> "GPTNeoX":
+    """Give each layer its own weight buffers (in place; returns `model`), for decoding on GPUs.
+
+    A scan over stacked weights slices each layer out of the stack, and XLA:GPU copies that slice before its
+    matmuls: decoding then moves every weight three times per token instead of once (NOTES.md, H200 numbers).
+    Outside `jit` the slices become separate arrays, read in place; inside `jit` this is the unrolled loop.
+    """
+    if isinstance(model.layers, LayerStack):
+        model.layers = UnstackedLayers(model.layers, model.config.num_hidden_layers)
+    return model
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm computed in fp32 whatever the activation dtype, as torch does on GPU."""
     x32 = x.astype(jnp.float32)
@@ -280,9 +312,14 @@ class GPTNeoX(nnx.Module):
         x = jnp.take(self.embed_in[...], input_ids, axis=0).astype(resolve_dtype(cfg.dtype))
         x = parallel.constrain(x, ("batch", "length", "embed"))
         cos, sin = rotary_tables(positions, cfg.rotary_dims, cfg.rotary_emb_base)
-        layers = self.layers.arrays()
+        if isinstance(self.layers, UnstackedLayers):
+            new_kv = None if cache is None else (cache.k, cache.v)
+            for layer, weights in enumerate(self.layers.blocks):
+                x, new_kv = _block(cfg, x, weights.arrays(), cos, sin, mask,
+                                   None if cache is None else (*new_kv, layer, cache.index))
+        elif cache is None:
+            layers = self.layers.arrays()
 
-        if cache is None:
             def step(h, p):
                 return _block(cfg, h, p, cos, sin, mask, None)[0], None
             policy = REMAT_POLICIES[cfg.remat_policy]
@@ -290,6 +327,8 @@ class GPTNeoX(nnx.Module):
                 step = jax.checkpoint(step, policy=policy, prevent_cse=False)
             x, new_kv = jax.lax.scan(step, x, layers)[0], None
         else:
+            layers = self.layers.arrays()
+
             def step(carry, inputs):
                 h, k_all, v_all = carry
                 p, layer = inputs

@@ -1,0 +1,63 @@
+"""Where the device time goes: trace one call with the JAX profiler and total the kernels (or XLA ops) by name.
+
+Used by the benchmark scripts' `--profile` option on GPUs, where a lease is too short to open traces in a
+viewer: the top entries are printed and written as JSON lines, with nothing to keep but that file.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from jax.profiler import ProfileData
+
+
+def device_op_times(xplane: Path, plane_prefix: str = "/device:") -> dict[str, dict[str, list[float]]]:
+    """{line name: {event name: [total ms, count]}} over the planes whose names start with `plane_prefix`."""
+    lines: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    for plane in ProfileData.from_file(str(xplane)).planes:
+        if not plane.name.startswith(plane_prefix):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                entry = lines[line.name][event.name]
+                entry[0] += event.duration_ns / 1e6
+                entry[1] += 1
+    return lines
+
+
+def profile_top_ops(call: Callable[[], object], label: str, out: Path | None, top: int = 25,
+                    plane_prefix: str = "/device:") -> list[dict]:
+    """Trace `call` (which must block until its result is ready); print and append the `top` costliest entries.
+
+    Per trace line kind (XLA ops and CUDA streams are separate lines on GPUs) the entries are sorted by total time.
+    """
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        call()
+        jax.profiler.stop_trace()
+        xplane = next(Path(trace_dir).rglob("*.xplane.pb"))
+        lines = device_op_times(xplane, plane_prefix)
+    rows = []
+    kinds = collections.defaultdict(dict)  # stream lines differ only by stream number: merge them
+    for line_name, events in lines.items():
+        kind = "stream" if line_name.startswith("Stream") else line_name
+        for name, (ms, count) in events.items():
+            total = kinds[kind].setdefault(name, [0.0, 0])
+            total[0] += ms
+            total[1] += count
+    for kind, events in kinds.items():
+        line_total = sum(ms for ms, _ in events.values())
+        print(f"\n[{label}] {kind}: {line_total:.2f} ms in {sum(c for _, c in events.values())} events")
+        for name, (ms, count) in sorted(events.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"  {ms:9.3f} ms {count:6d}x  {name[:110]}")
+            rows.append({"label": label, "line": kind, "name": name, "ms": round(ms, 4), "count": count})
+    if out is not None:
+        with out.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
