@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="calls before timing (the first compiles)")
     parser.add_argument("--ref", action="store_true", help="also time transformers' generate on the same weights")
     parser.add_argument("--torch_threads", type=int, help="torch CPU threads")
-    parser.add_argument("--layout", choices=["stacked", "unstacked", "unrolled"], default="stacked",
+    parser.add_argument("--layout", choices=["stacked", "unstacked", "unrolled"], default="unstacked",
                         help="our layer weights while decoding (see bench_ours)")
     parser.add_argument("--profile", type=Path, help="also trace one call per measurement; top ops appended here")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -143,29 +143,34 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     model = GPTNeoX(model_config(args.shape, args.dtype), rngs=nnx.Rngs(0))
     device = f"jax {jax.__version__} {jax.devices()[0].device_kind}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def emit(row: dict) -> None:
+        """Print and append each row as soon as it is measured: a run cut short keeps what it measured."""
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
     with tempfile.TemporaryDirectory() as hf_dir:
         if args.ref:  # before any re-layout of our weights
             save_hf_model(model, hf_dir)
-        rows = []
         text = DecodeSpec(NEW_TOKENS, SAMPLING)
         for batch in batches:
             seconds, first = bench_ours(model, batch, text, args, "text")
-            rows.append(record("jax", "text", batch, seconds, args, device, first))
+            emit(record("jax", "text", batch, seconds, args, device, first))
         image = DecodeSpec(NEW_TOKENS, SAMPLING, allowed=(IMAGE_OFFSET, IMAGE_OFFSET + NUM_CODES))
         seconds, first = bench_ours(model, 1, image, args, "image")
-        rows.append(record("jax", "image", 1, seconds, args, device, first))
+        emit(record("jax", "image", 1, seconds, args, device, first))
         if args.ref:
             del model
             times, ref_device = bench_transformers(hf_dir, args.dtype, batches, args.warmup, args.repeats,
                                                    args.torch_threads)
-            rows += [record("transformers", "text", b, s, args, ref_device) for b, s in times.items()]
+            for batch, seconds in times.items():
+                emit(record("transformers", "text", batch, seconds, args, ref_device))
             if 1 in times:
-                rows.append(record("transformers", "image", 1, times[1], args, ref_device))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            print(json.dumps(row))
-            f.write(json.dumps(row) + "\n")
+                emit(record("transformers", "image", 1, times[1], args, ref_device))
     print(f"\n{'impl':13} {'layout':10} {'measure':7} {'shape':10} {'batch':>5} {'dtype':9} {'ms/token':>9} "
           f"{'tokens/s':>9} {'s/image':>8}")
     for r in rows:

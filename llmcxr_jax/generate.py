@@ -35,7 +35,7 @@ from tqdm import tqdm
 import vqgan_flax
 from llmcxr_jax import checkpoint, parallel, prompts
 from llmcxr_jax.convert import load_hf_model
-from llmcxr_jax.model import GPTNeoX
+from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
 from llmcxr_jax.tokenizer import END_KEY, LlmCxrTokenizer
 from vqgan_flax.images import ImageLoadError, load_image, postprocess, preprocess
@@ -121,7 +121,9 @@ class Sampler:
         self.image_grid = None if image_grid is None else tuple(int(s) for s in image_grid)
         self.batch_size, self.sampling, self.prompt_multiple = batch_size, sampling, prompt_multiple
         self.max_positions = model.config.max_position_embeddings
-        graphdef, self._state = nnx.split(model)
+        # Decoding reads each layer's weights from a buffer of its own: scanned over the stacked weights, XLA:GPU
+        # copied every layer's slice for every token (NOTES.md, H200). The caller's model keeps its layout.
+        graphdef, self._state = nnx.split(unstack_layers(nnx.merge(*nnx.split(model))))
         self._decode = jax.jit(lambda *args, spec: _decode_batch(graphdef, *args, spec=spec),
                                static_argnames="spec")
         self._compiled: dict[tuple[Any, ...], Any] = {}

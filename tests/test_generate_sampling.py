@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 from llmcxr_jax import parallel
 from llmcxr_jax.convert import load_hf_model
 from llmcxr_jax.generate import Sampler
+from llmcxr_jax.model import LayerStack
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, select_tokens, warp_logits
 from test_generate_common import hf_dir, small_tokenizer
 
@@ -156,8 +157,14 @@ def test_sampling_on_8_devices_equals_one_device(setup):
     spec = DecodeSpec(24, SamplingParams(top_k=30))
     one = Sampler(load_hf_model(directory), tokenizer, batch_size=8).generate(prompt_ids, spec, seed=5).ids
     mesh = parallel.make_mesh((1, 8, 1))
-    sharded = Sampler(load_hf_model(directory, mesh=mesh), tokenizer, mesh=mesh, batch_size=8)
-    assert sharded._state["layers"]["up_kernel"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    model = load_hf_model(directory, mesh=mesh)
+    sharded = Sampler(model, tokenizer, mesh=mesh, batch_size=8)
+    assert isinstance(model.layers, LayerStack)  # the caller's model keeps its (training, checkpoint) layout
+    blocks = sharded._state["layers"]["blocks"]  # decoding keeps one buffer per layer, each still sharded
+    assert len(blocks) == 2
+    for block in blocks.values():
+        fsdp_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+        assert block["up_kernel"][...].sharding.is_equivalent_to(fsdp_rows, 2)
     eight = sharded.generate(prompt_ids, spec, seed=5).ids
     for a, b in zip(one, eight):
         np.testing.assert_array_equal(a, b)

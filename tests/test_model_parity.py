@@ -10,7 +10,7 @@ from flax import nnx
 from hf_reference import hf_logits, save_hf, tiny_hf_model
 from llmcxr_jax import parallel
 from llmcxr_jax.convert import load_hf_model
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, extend_vocab
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, LayerStack, extend_vocab, unstack_layers
 
 VARIANTS = {
     "parallel_rot25_untied_h4": dict(use_parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=False),
@@ -53,6 +53,21 @@ def test_greedy_continuation_equals_transformers_generate(tmp_path):
         ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           pad_token_id=0).numpy()[:, prompt.shape[1]:]
     np.testing.assert_array_equal(_greedy(ours, prompt, 32), ref)
+
+
+@pytest.mark.parametrize("variant", ["parallel_rot25_untied_h4", "sequential_rot100_tied_h3"])
+def test_unstacked_layers_match_transformers(tmp_path, variant):
+    """The decoding layout (one weight buffer per layer, unrolled loop): same logits and greedy tokens as HF."""
+    hf = tiny_hf_model(**VARIANTS[variant])
+    ours = unstack_layers(load_hf_model(save_hf(hf, tmp_path / "hf")))
+    assert not isinstance(ours.layers, LayerStack) and len(ours.layers.blocks) == hf.config.num_hidden_layers
+    ids = _ids(2, 17, hf.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    prompt = _ids(1, 9, hf.config.vocab_size, seed=5)
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                          pad_token_id=0).numpy()[:, prompt.shape[1]:]
+    np.testing.assert_array_equal(_greedy(ours, prompt, 16), ref)
 
 
 def test_kv_cache_decoding_equals_full_forward_left_padded():
