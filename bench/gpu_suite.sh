@@ -14,6 +14,8 @@ RESULTS="${RESULTS:-bench/results}" SHAPE="${SHAPE:-2.8b}" VQ_SHAPE="${VQ_SHAPE:
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
 export PYTHONUNBUFFERED=1
 RESULTS="$(mkdir -p "$RESULTS" && cd "$RESULTS" && pwd)"  # absolute: the sampling and VQ-GAN steps run in bench/
+# Lines already in the result files, so that the summary shows this run's rows only.
+SEEN="$(for f in train generate vqgan; do [ -f "$RESULTS/$f.jsonl" ] && wc -l < "$RESULTS/$f.jsonl" || echo 0; done | paste -sd,)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
@@ -35,15 +37,16 @@ train 120 --batch 8 --remat dots_no_batch --attention xla   # what the fused att
 train 120 --batch 8 --remat dots
 train 120 --batch 16 --remat dots_no_batch
 
-python - "$RESULTS" "$SHAPE" "$VQ_SHAPE" <<'EOF'
+python - "$RESULTS" "$SEEN" <<'EOF'
 import json, sys
 from pathlib import Path
-rows = [json.loads(l) for f in ("train", "generate", "vqgan") if (Path(sys.argv[1]) / f"{f}.jsonl").exists()
-        for l in (Path(sys.argv[1]) / f"{f}.jsonl").read_text().splitlines() if json.loads(l)["shape"] in sys.argv[2:]]
+files = [Path(sys.argv[1]) / f"{f}.jsonl" for f in ("train", "generate", "vqgan")]
+rows = [json.loads(l) for f, seen in zip(files, map(int, sys.argv[2].split(",")))
+        if f.exists() for l in f.read_text().splitlines()[seen:]]
 print("\nsummary")
 for r in rows:
     if r["bench"] == "train":
-        print(f"train    {r['impl']:13} b{r['batch']:<3} {r['remat']:14} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu'] or 0:.1%}"
+        print(f"train    {r['impl']:13} b{r['batch']:<3} {r['remat']:14} {r['attention']:6} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu'] or 0:.1%}"
               f"  peak {r.get('peak_gib', 0):.1f} GiB  first {r['first_step_s']:.0f} s  fused_attn {r.get('fused_attention', '-')}")
     elif r["bench"] == "generate_latency":
         print(f"generate {r['impl']:13} {r['measure']:6} b{r['batch']:<3} {r['ms_per_token']:>8.2f} ms/token"
