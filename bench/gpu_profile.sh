@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Follow-up to gpu_suite.sh in one call (about 6 minutes on one H100/H200): decoding with each layer-weight
-# layout (stacked/scanned, unstacked, unrolled), the unstacked one beside transformers' generate, with the top
-# device ops of one call per layout; then the 2.8B train step's top ops and two training variants.
+# Where the GPU time goes, in one call (about 6 minutes on one H100/H200): decoding with one weight buffer per
+# layer beside transformers' generate, the 2.8B train step at batch 8 beside the reference and at batch 16, each
+# with the top device ops of one call (bench/profile_ops.py). Its 2026-11-28 run (H200) also compared the
+# stacked and unrolled layouts, Adam mu in bf16 and --xla_gpu_enable_dynamic_slice_fusion (NOTES.md);
+# `--layout stacked` and XLA_FLAGS=... before `generate` repeat those.
 #
 #   RESULTS=/some/dir bash bench/gpu_profile.sh      # JSON lines and op tables (default bench/results)
 set -uo pipefail
@@ -15,11 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 generate() { (cd bench && timeout "$1" python generate_latency.py --shape "$SHAPE" --dtype bfloat16 --repeats 3 \
   --out "$RESULTS/generate.jsonl" --profile "$RESULTS/ops.jsonl" "${@:2}") || echo "generate ${*:2}: failed or timed out"; }
 train() { timeout "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" --attention "$ATTENTION" --steps 3 \
-  --repeats 2 --out "$RESULTS/train.jsonl" "${@:2}" || echo "train ${*:2}: failed or timed out"; }
+  --repeats 2 --out "$RESULTS/train.jsonl" --profile "$RESULTS/ops.jsonl" "${@:2}" || echo "train ${*:2}: failed or timed out"; }
 
-generate 200 --layout unstacked --ref
-generate 80 --layout stacked --batches 1
-train 90 --batch 16 --remat dots_no_batch --profile "$RESULTS/ops.jsonl"
-generate 80 --layout unrolled --batches 1
-train 80 --batch 16 --remat dots_no_batch --mu_dtype bfloat16
-XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true generate 80 --layout stacked --batches 1
+generate 300 --layout unstacked --ref
+train 150 --batch 8 --remat dots_no_batch --ref
+train 90 --batch 16 --remat dots_no_batch
