@@ -122,7 +122,8 @@ class Sampler:
         self.batch_size, self.sampling, self.prompt_multiple = batch_size, sampling, prompt_multiple
         self.max_positions = model.config.max_position_embeddings
         # Decoding reads each layer's weights from a buffer of its own: scanned over the stacked weights, XLA:GPU
-        # copied every layer's slice for every token (NOTES.md, H200). The caller's model keeps its layout.
+        # copied every layer's slice for every token (NOTES.md, H200). The caller's model keeps its layout, so
+        # while the caller holds it the layer weights exist twice (`from_checkpoint` holds no other copy).
         graphdef, self._state = nnx.split(unstack_layers(nnx.merge(*nnx.split(model))))
         self._decode = jax.jit(lambda *args, spec: _decode_batch(graphdef, *args, spec=spec),
                                static_argnames="spec")
