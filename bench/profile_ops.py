@@ -17,39 +17,33 @@ from jax.profiler import ProfileData
 
 
 def device_op_times(xplane: Path, plane_prefix: str = "/device:") -> dict[str, dict[str, list[float]]]:
-    """{line name: {event name: [total ms, count]}} over the planes whose names start with `plane_prefix`."""
-    lines: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    """{line kind: {event name: [total ms, count]}} over the planes whose names start with `plane_prefix`.
+
+    CUDA stream lines differ only by their stream number and are merged into the kind "stream".
+    """
+    kinds: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
     for plane in ProfileData.from_file(str(xplane)).planes:
         if not plane.name.startswith(plane_prefix):
             continue
         for line in plane.lines:
+            kind = "stream" if line.name.startswith("Stream") else line.name
             for event in line.events:
-                entry = lines[line.name][event.name]
+                entry = kinds[kind][event.name]
                 entry[0] += event.duration_ns / 1e6
                 entry[1] += 1
-    return lines
+    return kinds
 
 
 def profile_top_ops(call: Callable[[], object], label: str, out: Path | None, top: int = 25,
                     plane_prefix: str = "/device:") -> list[dict]:
-    """Trace `call` (which must block until its result is ready); print and append the `top` costliest entries.
-
-    Per trace line kind (XLA ops and CUDA streams are separate lines on GPUs) the entries are sorted by total time.
-    """
+    """Trace `call` (which must block until its result is ready); print and append the `top` costliest entries
+    of each line kind (XLA ops and CUDA streams are separate lines on GPUs), sorted by total time."""
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         call()
         jax.profiler.stop_trace()
-        xplane = next(Path(trace_dir).rglob("*.xplane.pb"))
-        lines = device_op_times(xplane, plane_prefix)
+        kinds = device_op_times(next(Path(trace_dir).rglob("*.xplane.pb")), plane_prefix)
     rows = []
-    kinds = collections.defaultdict(dict)  # stream lines differ only by stream number: merge them
-    for line_name, events in lines.items():
-        kind = "stream" if line_name.startswith("Stream") else line_name
-        for name, (ms, count) in events.items():
-            total = kinds[kind].setdefault(name, [0.0, 0])
-            total[0] += ms
-            total[1] += count
     for kind, events in kinds.items():
         line_total = sum(ms for ms, _ in events.values())
         print(f"\n[{label}] {kind}: {line_total:.2f} ms in {sum(c for _, c in events.values())} events")

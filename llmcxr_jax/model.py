@@ -172,7 +172,12 @@ class LayerStack(nnx.Module):
         self.down_bias = _const(0.0, (L, E), ("layers", "norm"), dt)
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        return _param_arrays(self)
+
+
+def _param_arrays(module: nnx.Module) -> dict[str, jax.Array]:
+    """The module's own parameters by attribute name (the per-layer dict `_block` takes)."""
+    return {k: v[...] for k, v in vars(module).items() if isinstance(v, nnx.Param)}
 
 
 class _LayerWeights(nnx.Module):
@@ -184,7 +189,7 @@ class _LayerWeights(nnx.Module):
             setattr(self, name, nnx.Param(param[...][layer], **({"logical_axes": axes[1:]} if axes else {})))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        return _param_arrays(self)
 
 
 class UnstackedLayers(nnx.Module):
