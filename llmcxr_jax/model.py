@@ -353,8 +353,10 @@ class GPTNeoX(nnx.Module):
         """The LM head as (embed, vocab): untied `embed_out`, or `embed_in`ᵀ when tied."""
         return self.embed_in[...].T if self.embed_out is None else self.embed_out[...]
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        return lm_head(h, self.head_kernel())
+    def logits(self, h: jax.Array, vocab_range: tuple[int, int] | None = None) -> jax.Array:
+        """fp32 logits over the whole vocabulary, or over the ids in `vocab_range = (start, stop)` only."""
+        kernel = self.head_kernel()
+        return lm_head(h, kernel if vocab_range is None else kernel[:, vocab_range[0]:vocab_range[1]])
 
     def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
         cfg = self.config
@@ -365,10 +367,12 @@ class GPTNeoX(nnx.Module):
             next_position=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
         )
 
-    def extend(self, input_ids: jax.Array, cache: KVCache, token_valid: jax.Array | None = None):
+    def extend(self, input_ids: jax.Array, cache: KVCache, token_valid: jax.Array | None = None,
+               vocab_range: tuple[int, int] | None = None):
         """Append tokens (prefill or one decode step) to the cache; returns (logits, cache).
 
         `token_valid` (batch, length) marks real tokens (False for left padding); padded slots are never attended.
+        `vocab_range` limits the logits to those ids (image codes only: 1024 of 51k columns of the LM head read).
         """
         B, T = input_ids.shape
         token_valid = jnp.ones((B, T), bool) if token_valid is None else token_valid.astype(bool)
@@ -384,7 +388,7 @@ class GPTNeoX(nnx.Module):
             k=k, v=v, valid=valid, next_position=cache.next_position + token_valid.sum(1).astype(jnp.int32),
             index=cache.index + T,
         )
-        return self.logits(h), new_cache
+        return self.logits(h, vocab_range), new_cache
 
 
 @jax.custom_vjp

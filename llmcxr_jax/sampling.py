@@ -190,10 +190,9 @@ def row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def _select(logits: jax.Array, keys: jax.Array, spec: DecodeSpec) -> jax.Array:
-    if spec.allowed is None:
-        return select_tokens(logits, keys, spec.sampling)
-    start, stop = spec.allowed
-    return select_tokens(logits[:, start:stop], keys, spec.sampling) + start
+    """Token ids from logits over the whole vocabulary, or over `spec.allowed` only (offset back to ids)."""
+    token = select_tokens(logits, keys, spec.sampling)
+    return token if spec.allowed is None else token + spec.allowed[0]
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
@@ -235,7 +234,7 @@ def decode(model: GPTNeoX, prompt_ids: jax.Array, prompt_valid: jax.Array, keys:
 
     def body(carry):
         cache, fed, out, done, step = carry
-        logits, cache = model.extend(fed[:, None], cache)
+        logits, cache = model.extend(fed[:, None], cache, vocab_range=spec.allowed)
         logits = guided_logits(logits[:, -1], spec.guidance_scale) if guided else logits[:, -1]
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
         token = jnp.where(done, spec.pad_id, _select(logits, step_keys, spec))

@@ -1,5 +1,5 @@
 """Speed-relevant properties checkable on CPU: chunked cross-entropy, no full-vocabulary fp32 logits in the
-compiled step, donated state, bf16 matmuls forward and backward. (The fused cuDNN attention call is checked by bench/ on a GPU.)"""
+compiled step, donated state, bf16 matmuls forward and backward, image-only logits when decoding codes. (The fused cuDNN attention call is checked by bench/ on a GPU.)"""
 
 import re
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmcxr_jax import lm_task, parallel, trainer
+from llmcxr_jax import lm_task, parallel, sampling, trainer
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 from train_helpers import load_config, mesh_of, tiny_task
 
@@ -128,3 +128,25 @@ def test_train_step_donates_the_state():
         step = trainer.compile_train_step(task, graphdef, shardings, batch_sh)
         step(state, {"input_ids": ids, "loss_weights": weights})
     assert all(x.is_deleted() for x in before)  # the old parameters and moments were reused in place
+
+
+def _decode_dot_shapes(allowed: tuple[int, int] | None) -> list[str]:
+    """Output shapes of the matmuls inside the compiled decode loop of a 3,000-id model, batch 2."""
+    cfg = GPTNeoXConfig(vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    graphdef, state = nnx.split(GPTNeoX(cfg, rngs=nnx.Rngs(0)))
+    spec = sampling.DecodeSpec(max_new_tokens=4, allowed=allowed)
+
+    def decode(state, ids, keys):
+        return sampling.decode(nnx.merge(graphdef, state), ids, jnp.ones(ids.shape, bool), keys, spec)
+
+    text = jax.jit(decode).lower(state, jnp.ones((2, 6), jnp.int32),
+                                 sampling.row_keys(jnp.uint32(0), jnp.arange(2))).as_text()
+    return re.findall(r"stablehlo\.dot_general.*-> tensor<([0-9x]+)xf32>", text)
+
+
+def test_image_decoding_projects_onto_the_allowed_rows_only():
+    """Report→CXR decodes only image codes: the LM head reads 1,024 of its 51k columns and top-p ranks 1,024."""
+    assert "2x1x3000" in _decode_dot_shapes(None)  # the check sees the full head when it is there
+    shapes = _decode_dot_shapes((1000, 1256))
+    assert "2x1x256" in shapes and not any(s.endswith("x3000") for s in shapes), shapes
