@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Where the GPU time goes, in one call (about 6 minutes on one H100/H200): decoding with one weight buffer per
-# layer beside transformers' generate, the 2.8B train step at batch 8 beside the reference and at batch 16, each
-# with the top device ops of one call (bench/profile_ops.py). Its 2026-11-28 run (H200) also compared the
-# stacked and unrolled layouts, Adam mu in bf16 and --xla_gpu_enable_dynamic_slice_fusion (NOTES.md);
-# `--layout stacked` and XLA_FLAGS=... before `generate` repeat those.
+# Where the GPU time goes, in one call (about 7 minutes on one H100/H200): decoding with one weight buffer per
+# layer beside transformers' generate and again with cuBLAS instead of Triton gemms, the 2.8B train step at
+# batch 8 beside the reference and at batch 16, each with the top device ops of one call (bench/profile_ops.py).
+# Its 2026-11-28 run (H200) also compared the stacked and unrolled layouts, Adam mu in bf16 and
+# --xla_gpu_enable_dynamic_slice_fusion (NOTES.md); `--layout stacked` and XLA_FLAGS=... before `generate`
+# repeat those.
 #
 #   RESULTS=/some/dir bash bench/gpu_profile.sh      # JSON lines and op tables (default bench/results)
 set -uo pipefail
@@ -20,5 +21,8 @@ train() { timeout "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "
   --repeats 2 --out "$RESULTS/train.jsonl" --profile "$RESULTS/ops.jsonl" "${@:2}" || echo "train ${*:2}: failed or timed out"; }
 
 generate 300 --layout unstacked --ref
+# The per-layer matrix-vector products ran as Triton gemm fusions well under the weight-read bandwidth on the
+# H200: the same decoding with XLA's Triton gemms off (cuBLAS instead).
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" generate 120 --layout unstacked
 train 150 --batch 8 --remat dots_no_batch --ref
 train 90 --batch 16 --remat dots_no_batch
