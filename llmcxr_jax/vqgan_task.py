@@ -65,7 +65,12 @@ class StepConfig:
 
 
 def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.Array]:
-    """Generator step, then discriminator step on a fresh forward pass; mutates `state`, returns metrics."""
+    """Generator step, then discriminator step on a fresh forward pass; mutates `state`, returns metrics.
+
+    With `loss.disc_factor == 0` (no GAN, ever) there is no discriminator step: taming's would see zero
+    gradients, leaving D's weights as they are; only its BatchNorm running statistics, which no train-mode
+    pass reads, would have moved.
+    """
     images = batch["images"]
     step = state.gen_optimizer.step[...]  # batches done = Lightning's global_step
     factor = losses.disc_factor(step, cfg.loss)
@@ -73,10 +78,15 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     grads, metrics, codes = losses.generator_grads(state.model, state.discriminator, state.lpips, images, factor,
                                                    cfg.loss, rng)
     state.gen_optimizer.update(state.model, grads)
-    latents = state.model.encode_latents(images)
-    reconstructions = state.model.decode_latents(state.model.quantize(latents).z_q)
-    d_grads, d_metrics = losses.discriminator_grads(state.discriminator, images, reconstructions, factor)
-    state.disc_optimizer.update(state.discriminator, d_grads)
+    gan = cfg.loss.disc_factor != 0
+    d_metrics = {}
+    if gan or cfg.restart_dead:
+        latents = state.model.encode_latents(images)  # the updated generator's (taming's D step runs it anew)
+    if gan:
+        reconstructions = state.model.decode_latents(state.model.quantize(latents).z_q)
+        d_grads, d_metrics = losses.discriminator_grads(state.discriminator, images, reconstructions, factor)
+        state.disc_optimizer.update(state.discriminator, d_grads)
+        d_metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
 
     done = step.astype(jnp.int32) + 1
     n_embed = state.model.config.n_embed
@@ -87,8 +97,7 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     if cfg.restart_dead:
         restart_dead_codes(state, latents, dead_mask, done, jax.random.fold_in(rng, 1))
     dead = jnp.sum(dead_mask).astype(jnp.float32)
-    return {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads), "disc_grad_norm": optax.tree.norm(d_grads),
-            "lr": jnp.float32(cfg.lr), "perplexity": perplexity, "codes_used": used, "dead_codes": dead,
+    return {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads), "lr": jnp.float32(cfg.lr), "perplexity": perplexity, "codes_used": used, "dead_codes": dead,
             "steps": jnp.ones((), jnp.float32)}
 
 

@@ -106,6 +106,41 @@ def test_loss_falls_and_the_discriminator_switches_on_at_disc_start():
     assert history[-1][0]["dead_codes"] > 0  # the tiny codebook collapses onto a few codes, as taming's does
 
 
+def _steps(config, n: int) -> tuple[dict, list[dict[str, float]]]:
+    """(state after `n` steps on the fixed phantom batch, each step's metrics), on one device."""
+    mesh = mesh_of((1, 1, 1))
+    task = vqgan_task.build_task(config)
+    graphdef, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
+    batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
+    with jax.set_mesh(mesh):
+        state, step = task.initial_state(shardings), trainer.compile_train_step(task, graphdef, shardings, batch_sh)
+        history = []
+        for _ in range(n):
+            state, metrics = step(state, trainer.to_global(_phantom_batch(), batch_sh))
+            history.append({k: float(v) for k, v in metrics.items()})
+    return nnx.to_pure_dict(state), history
+
+
+def test_without_a_gan_the_generator_trains_as_with_the_gan_switched_off():
+    """disc_factor 0 skips D: the generator and its Adam state follow the run whose GAN is merely not started
+    (taming's path, D run with zero weight), and D's weights stay as initialised."""
+    off = load_config("vqgan", "tiny")
+    off.loss.disc_start = 100
+    none = load_config("vqgan", "tiny")
+    none.loss.update(disc_start=0, disc_factor=0.0)
+    (off_state, off_metrics), (none_state, none_metrics) = _steps(off, 5), _steps(none, 5)
+    for state in (off_state, none_state):  # D's running statistics move only where D runs
+        for norm in state["discriminator"]["norms"].values():
+            del norm["mean"], norm["var"]
+    for name in ("model", "gen_optimizer", "discriminator"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), off_state[name],
+                     none_state[name])
+    for a, b in zip(off_metrics, none_metrics):
+        for key in ("loss", "l1_loss", "quant_loss", "grad_norm", "codes_used"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+        assert b["g_loss"] == 0 and b["d_weight"] == 0 and "disc_loss" not in b and a["g_loss"] != 0
+
+
 def _phantom_batch() -> dict[str, np.ndarray]:
     images = np.stack([r["image"] for r in phantom_records(1, 8, 32)])  # a fixed set of 8 phantoms
     return {"images": np.repeat(images, 3, -1).astype(np.float32) / np.float32(255) * 2 - 1}

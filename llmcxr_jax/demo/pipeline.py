@@ -31,10 +31,7 @@ def run(args: argparse.Namespace, out: Path, progress: Any) -> dict[str, Any]:
     test_cases = [c for c in cases if c.split == "test"]
 
     progress.stage(f"VQ-GAN: {args.vqgan_steps} steps of L1 + codebook loss (configs/vqgan.py:demo)")
-    # LPIPS weights cannot ship, and at 64² the PatchGAN term degraded reconstructions within its first 50
-    # steps (NOTES.md), so the demo trains without the GAN: disc_start lies past the last step.
     vq_config.train.update(num_steps=args.vqgan_steps, progress=True)
-    vq_config.loss.disc_start = args.vqgan_steps + 1
     vq_config.seed = args.seed
     if train_vqgan.run(vq_config, str(out / "vqgan_run")) is None:
         raise SystemExit("demo: VQ-GAN training stopped early (SIGTERM?); run `make demo` again to resume")
