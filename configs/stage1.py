@@ -55,12 +55,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     elif arg == "demo":
         # The phantom demo (python -m llmcxr_jax.demo fills in data_dir, tokenizer, vocab_size, vqgan and steps).
         # Rotary on every head dimension and a 2e-3 peak: measured to make a from-scratch LM start reading its
-        # image input within the demo's budget (NOTES.md); dolly keeps rotary_pct=0.25.
+        # image input within the demo's budget (NOTES.md); dolly keeps rotary_pct=0.25. Adam b2 0.95, as LMs
+        # trained from scratch usually take (the original fine-tunes with HF's 0.999).
         c.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                        max_position_embeddings=512, rotary_pct=1.0, dtype="float32", remat_policy="none")
         c.data.update(dolly_builder="", lengths=(144, 152, 160, 192, 224), max_length=224)
         c.vqgan.update(grid=8, num_codes=256)
-        c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1)
+        c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1, b2=0.95)
         c.train.update(global_batch_size=16, num_steps=500, log_every=25, eval_every=0, checkpoint_every=250,
                        async_checkpoints=False, loss_chunk=0)
     elif arg:
