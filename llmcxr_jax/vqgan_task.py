@@ -97,8 +97,8 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     if cfg.restart_dead:
         restart_dead_codes(state, latents, dead_mask, done, jax.random.fold_in(rng, 1))
     dead = jnp.sum(dead_mask).astype(jnp.float32)
-    return {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads), "lr": jnp.float32(cfg.lr), "perplexity": perplexity, "codes_used": used, "dead_codes": dead,
-            "steps": jnp.ones((), jnp.float32)}
+    return {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads), "lr": jnp.float32(cfg.lr),
+            "perplexity": perplexity, "codes_used": used, "dead_codes": dead, "steps": jnp.ones((), jnp.float32)}
 
 
 def restart_dead_codes(state: VQGANTrainState, latents: jax.Array, dead_mask: jax.Array, done: jax.Array,

@@ -1,5 +1,6 @@
 """Speed-relevant properties checkable on CPU: chunked cross-entropy, no full-vocabulary fp32 logits in the
-compiled step, donated state, bf16 matmuls forward and backward, image-only logits when decoding codes. (The fused cuDNN attention call is checked by bench/ on a GPU.)"""
+compiled step, donated state, bf16 matmuls forward and backward, image-only logits when decoding codes.
+(The fused cuDNN attention call is checked by bench/ on a GPU.)"""
 
 import re
 
@@ -145,7 +146,7 @@ def _decode_dot_shapes(allowed: tuple[int, int] | None) -> list[str]:
     return re.findall(r"stablehlo\.dot_general.*-> tensor<([0-9x]+)xf32>", text)
 
 
-def test_image_decoding_projects_onto_the_allowed_rows_only():
+def test_image_decoding_computes_logits_for_the_allowed_ids_only():
     """Report→CXR decodes only image codes: the LM head reads 1,024 of its 51k columns and top-p ranks 1,024."""
     assert "2x1x3000" in _decode_dot_shapes(None)  # the check sees the full head when it is there
     shapes = _decode_dot_shapes((1000, 1256))
