@@ -79,7 +79,8 @@ def bench_ours(model: GPTNeoX, batch: int, spec: DecodeSpec, args: argparse.Name
 
     timed = median_seconds(call, args.warmup, args.repeats)
     if args.profile:
-        profile_top_ops(call, f"decode {args.layout} {label} b{batch}", args.profile)
+        hlo = run.lower(state, ids, valid, jnp.uint32(0)).compile().as_text()  # the executable just timed
+        profile_top_ops(call, f"decode {args.layout} {label} b{batch}", args.profile, hlo_text=hlo)
     return timed
 
 

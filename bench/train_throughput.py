@@ -95,7 +95,7 @@ def measure_ours(args: argparse.Namespace) -> dict:
                 jax.block_until_ready(step_metrics)
 
             profile_top_ops(one_step, f"train {args.shape} b{args.batch} {args.remat} {args.attention}",
-                            Path(args.profile))
+                            Path(args.profile), hlo_text=hlo)
     device = jax.devices()[0]
     result = _result("ours", args, statistics.median(times), compile_s, device.device_kind, jax.device_count(),
                      float(metrics["loss"]))
