@@ -6,7 +6,9 @@ from the builder's code.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +159,12 @@ def test_expected_fingerprint_mismatch_fails_the_build(trees, tmp_path):
     unknown = MimicCxrConfig(name="stage1_pickle_vqgan", stage=1, expected_vqgan_fingerprint=FINGERPRINT)
     with pytest.raises(VqganMismatchError, match="carries no fingerprint"):
         build(trees["pickle"], tmp_path, unknown)
+
+
+def test_builds_from_a_manual_dir_given_relative_to_the_working_directory(trees, tmp_path, monkeypatch):
+    """`--manual_dir MANUAL` as the README writes it: the codes next to the CSVs must be found once, not under
+    MANUAL/MANUAL/."""
+    monkeypatch.chdir(trees["dir"].root.parent)
+    fx = dataclasses.replace(trees["dir"], root=Path(trees["dir"].root.name))
+    builder = build(fx, tmp_path, "stage1")
+    assert builder.info.splits["train"].num_examples > 0

@@ -67,7 +67,9 @@ class _Inputs:
 
 def _read_inputs(manual_dir: Path, config: MimicCxrConfig) -> _Inputs:
     """Check the manual directory, read both CSVs and the codes, and enforce the expected VQ-GAN."""
+    # Absolute, so that `require_files` (which joins relative names onto manual_dir) checks the path that is read.
     codes_path = Path(config.codes_path) if config.codes_path else mimic_codes.default_codes_path(manual_dir)
+    codes_path = codes_path.absolute()
     mimic_files.require_files(manual_dir, {**mimic_files.WHERE, str(codes_path): mimic_codes.WHERE})
     codes = mimic_codes.load_codes(codes_path, tuple(config.grid), config.num_codes)
     if config.expected_vqgan_fingerprint is not None:
