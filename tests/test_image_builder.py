@@ -137,3 +137,18 @@ def test_phantom_builder_works_as_a_source(tmp_path):
 def test_wrong_resolution_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="image is 32x32 but the VQ-GAN's resolution is 64"):
         next(make_image_iterator(phantom_records(0, 2, SIZE), global_batch_size=2, resolution=64))
+
+
+def test_the_build_cli_makes_the_dataset_the_vqgan_config_reads(tmp_path, capsys):
+    from llmcxr_jax.data import build
+
+    root = tmp_path / "images"
+    (root / "p10").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(_gradient(70, 80, i)).save(root / "p10" / f"img{i}.png")
+    Image.fromarray(_gradient(20, 20, 9)).save(root / "tiny.png")
+    build.main(["images", "--manual_dir", str(root), "--data_dir", str(tmp_path / "tfds"), "--config", "demo64"])
+    printed = capsys.readouterr().out
+    source = tfds.data_source("cxr_images/demo64", data_dir=tmp_path / "tfds", split="train")
+    assert len(source) == 3 and source[0]["image"].shape == (64, 64, 1)
+    assert '"train": 3' in printed and "too small" in printed

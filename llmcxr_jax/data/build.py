@@ -1,12 +1,14 @@
 """Build the TFDS datasets from local files: `python -m llmcxr_jax.data.build KIND --manual_dir M --data_dir D`.
 
-KIND is `mimic` (configs stage1 and stage2), `vqa`, `dolly` or `phantoms` (no manual files; `--config demo64`).
+KIND is `mimic` (configs stage1 and stage2), `vqa`, `dolly`, `images` (chest X-rays from a folder for VQ-GAN
+training; config llmcxr256, or demo128/demo64) or `phantoms` (no manual files; `--config demo64`).
 Nothing is downloaded; a missing manual file is named with where to get it. Prints the skip counts of the build.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 
 import tensorflow_datasets as tfds
@@ -15,6 +17,7 @@ BUILDERS = {
     "mimic": ("llmcxr_jax.data.mimic_builder", "MimicCxrLlmcxr", ("stage1", "stage2")),
     "vqa": ("llmcxr_jax.data.mimic_builder", "MimicCxrVqaLlmcxr", ("default",)),
     "dolly": ("llmcxr_jax.data.dolly_builder", "Dolly15k", (None,)),
+    "images": ("llmcxr_jax.data.image_builder", "CxrImages", ("llmcxr256",)),
     "phantoms": ("llmcxr_jax.data.cxr_phantoms_builder", "CxrPhantoms", ("demo64",)),
 }
 
@@ -30,7 +33,9 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
     for name in configs:
         builder = cls(config=name, data_dir=data_dir) if name else cls(data_dir=data_dir)
         builder.download_and_prepare(download_config=download)
-        report[name or "default"] = builder.info.metadata.get("counts", {}) if builder.info.metadata else {}
+        metadata = builder.info.metadata or {}
+        report[name or "default"] = metadata["counts"] if "counts" in metadata else {
+            "kept": metadata.get("kept", {}), "skipped": dict(collections.Counter(metadata.get("skipped", {}).values()))}
         print(f"built {builder.info.full_name} in {data_dir}: "
               f"{ {s: v.num_examples for s, v in builder.info.splits.items()} }")
     return report
