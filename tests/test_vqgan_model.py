@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import jax
@@ -20,7 +23,8 @@ import vqgan_flax
 from vqgan_flax import checkpoint, convert
 from vqgan_flax.config import PRESETS, VQGANConfig
 from vqgan_flax.quantizer import VectorQuantizer
-from vqgan_flax.torch_checkpoint import CheckpointReadError, _restricted_torch_load
+from vqgan_flax.safe_pickle import UnsafePickleError
+from vqgan_flax.torch_checkpoint import CheckpointReadError, _restricted_torch_load, read_state_dict
 
 TINY = PRESETS["tiny"]
 
@@ -285,14 +289,65 @@ def test_yaml_not_matching_checkpoint(reference, tmp_path):
 
 
 class CallbackState:
-    """Stands for any class a pickle may carry (Lightning callbacks, or a payload)."""
+    """Stands for a class a Lightning checkpoint carries (taming's ModelCheckpoint callback)."""
 
 
-def test_pickled_class_in_checkpoint_is_refused(reference, tmp_path):
+class Payload:
+    """A pickle that would run a shell command when unpickled by anything that resolves its globals."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_lightning_classes_in_a_checkpoint_are_never_run_and_its_state_dict_is_read(reference, tmp_path):
+    """Lightning 1.0 keys callback states by the callback's class; such a checkpoint converts, and the classes
+    (a payload among them) stay inert stand-ins."""
+    marker = tmp_path / "payload_ran"
+    ckpt = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": reference["state"], "callbacks": {CallbackState: {"best_model_score": None}},
+                "hyper_parameters": Payload(marker)}, ckpt)
+    with pytest.raises(pickle.UnpicklingError):  # what torch itself makes of it
+        torch.load(ckpt, weights_only=True)
+    state = read_state_dict(ckpt)
+    assert not marker.exists()
+    assert state.keys() == reference["state"].keys()
+    for key, value in reference["state"].items():
+        np.testing.assert_array_equal(state[key], value.numpy())
+    convert.convert(ckpt, reference["yaml"], tmp_path / "out")
+    assert not marker.exists()
+
+
+def test_a_state_dict_entry_that_is_not_a_tensor_is_refused(reference, tmp_path):
+    marker = tmp_path / "payload_ran"
     ckpt = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": reference["state"], "callbacks": {"cb": CallbackState()}}, ckpt)
-    with pytest.raises(CheckpointReadError, match=r"evil.ckpt: refusing to unpickle test_vqgan_model.CallbackState"):
+    torch.save({"state_dict": {**reference["state"], "encoder.extra": Payload(marker)}}, ckpt)
+    with pytest.raises(CheckpointReadError, match=r"evil.ckpt: state_dict entries that are not named tensors: "
+                                                  r"\['encoder.extra'\]"):
         convert.convert(ckpt, reference["yaml"], tmp_path / "out")
+    assert not marker.exists()
+
+
+def test_tensor_views_outside_their_storage_are_refused(tmp_path):
+    """A crafted size/stride must not read past the storage (as_strided would return other memory)."""
+    ckpt = tmp_path / "strided.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4, dtype=torch.float32)}}, ckpt)
+    assert read_state_dict(ckpt)["w"].tolist() == [0, 1, 2, 3]
+    with zipfile.ZipFile(ckpt) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    data_pkl = next(name for name in files if name.endswith("data.pkl"))
+    # Protocol-2 BININT1 size 4 -> 16 in the tensor's (size,) tuple: a view of 16 floats over 4.
+    assert files[data_pkl].count(b"K\x04\x85") == 1
+    files[data_pkl] = files[data_pkl].replace(b"K\x04\x85", b"K\x10\x85")
+    with zipfile.ZipFile(ckpt, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    with pytest.raises(CheckpointReadError, match="strided.ckpt"):  # torch.load refuses it itself
+        read_state_dict(ckpt)
+    with pytest.raises(UnsafePickleError, match=r"strided.ckpt: .*reaches element 15 of a storage of 4"):
+        _restricted_torch_load(ckpt)  # where torch is not installed
 
 
 def test_restricted_reader_matches_torch_load(reference):

@@ -11,33 +11,39 @@ class UnsafePickleError(ValueError):
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """`find_class` admits only `allowed[(module, name)]`; everything else is refused with the file's name.
+    """`find_class` admits only `allowed[(module, name)]`; everything else is refused with the file's name, or,
+    with `stand_in`, resolved to `stand_in(module, name)` (an inert object of ours; the named one is never
+    imported).
 
     Plain dicts, lists, tuples, strings and numbers need no globals, so `allowed={}` reads exactly those.
     """
 
     def __init__(self, file: IO[bytes], source: str, allowed: Mapping[tuple[str, str], Any], expected: str,
-                 persistent_load: Callable[[Any], Any] | None = None):
+                 persistent_load: Callable[[Any], Any] | None = None,
+                 stand_in: Callable[[str, str], Any] | None = None):
         super().__init__(file)
         self._source = source
         self._allowed = allowed
         self._expected = expected
+        self._stand_in = stand_in
         if persistent_load is not None:
             self.persistent_load = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
+        if (module, name) in self._allowed:
             return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(f"{self._source}: refusing to unpickle {module}.{name}: "
-                                    f"this file may hold only {self._expected}") from None
+        if self._stand_in is not None:
+            return self._stand_in(module, name)
+        raise UnsafePickleError(f"{self._source}: refusing to unpickle {module}.{name}: "
+                                f"this file may hold only {self._expected}")
 
 
 def restricted_load(file: IO[bytes], source: str, allowed: Mapping[tuple[str, str], Any], expected: str,
-                    persistent_load: Callable[[Any], Any] | None = None) -> Any:
+                    persistent_load: Callable[[Any], Any] | None = None,
+                    stand_in: Callable[[str, str], Any] | None = None) -> Any:
     """Unpickle with `RestrictedUnpickler`; malformed data also becomes an `UnsafePickleError` naming `source`."""
     try:
-        return RestrictedUnpickler(file, source, allowed, expected, persistent_load).load()
+        return RestrictedUnpickler(file, source, allowed, expected, persistent_load, stand_in).load()
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:

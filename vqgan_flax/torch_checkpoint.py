@@ -1,13 +1,17 @@
 """Read the tensors of a (Lightning) torch checkpoint as numpy arrays without executing pickled code.
 
 First `torch.load(weights_only=True)`. Where torch is missing or refuses the file, a restricted reader of
-torch's zip format (torch >= 1.6) takes over: its unpickler resolves only the tensor-rebuild functions,
-the typed storage classes and `collections.OrderedDict`, rebuilds tensors straight into numpy, and
-refuses anything else with an error naming the file and the class.
+torch's zip format (torch >= 1.6) takes over: its unpickler resolves the tensor-rebuild functions, the typed
+storage classes and `collections.OrderedDict` to our numpy versions and every other global to an inert stand-in
+(`Opaque`) that records nothing and runs nothing. A Lightning 1.0 checkpoint keys its callback states by the
+callback's class (taming's `ModelCheckpoint`), so refusing unknown classes would refuse the released VQ-GANs;
+only the `state_dict` is kept, and it must hold named tensors. Tensor views are bounds-checked against their
+storage.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
 import zipfile
 from pathlib import Path
@@ -37,8 +41,33 @@ class _StorageType:
         self.dtype = np.dtype(dtype)
 
 
+class Opaque:
+    """What any class or function outside the allowlist unpickles to: accepts arguments and state, keeps none."""
+
+    def __init__(self, *_args: Any, **_kwargs: Any):
+        pass
+
+    def __setstate__(self, _state: Any) -> None:
+        pass
+
+
+@functools.cache
+def _stand_in(module: str, name: str) -> type[Opaque]:
+    """One `Opaque` subclass per global name (a name can be a dict key, as Lightning's callback classes are)."""
+    return type(f"Opaque[{module}.{name}]", (Opaque,), {})
+
+
 def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
                     *_ignored: Any) -> np.ndarray:
+    """The tensor's view of its storage, copied out; views reaching outside the storage are refused."""
+    if not (isinstance(offset, int) and all(isinstance(n, int) for n in (*size, *stride)) and len(size) == len(stride)):
+        raise ValueError(f"tensor with malformed offset/size/stride {offset!r}, {size!r}, {stride!r}")
+    if offset < 0 or min((*size, *stride), default=0) < 0:
+        raise ValueError(f"tensor with negative offset, size or stride: {offset}, {size}, {stride}")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if 0 not in size and last >= storage.size:
+        raise ValueError(f"tensor view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) reaches element "
+                         f"{last} of a storage of {storage.size}")
     item = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=[s * item for s in stride])
     return np.array(view)
@@ -80,7 +109,8 @@ def _restricted_torch_load(path: Path) -> Any:
             return storages[key]
 
         with archive.open(pickles[0]) as f:
-            return restricted_load(f, str(path), _ALLOWED, "torch tensors and plain containers", persistent_load)
+            return restricted_load(f, str(path), _ALLOWED, "torch tensors and plain containers", persistent_load,
+                                   stand_in=_stand_in)
 
 
 def _torch_load(path: Path) -> Any:
@@ -92,7 +122,7 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        return _restricted_torch_load(path)  # reads it, or says exactly which class is not allowed
+        return _restricted_torch_load(path)  # e.g. Lightning's class-keyed callback states
     except (RuntimeError, OSError, EOFError) as err:
         raise CheckpointReadError(f"{path}: cannot read torch checkpoint: {err}") from err
 
@@ -118,7 +148,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
         raise CheckpointReadError(f"{path}: holds no state_dict of tensors")
-    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not hasattr(v, "shape")]
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not hasattr(v, "shape")]
     if bad:
         raise CheckpointReadError(f"{path}: state_dict entries that are not named tensors: {bad[:10]}")
     return {name: _to_numpy(value) for name, value in state.items()}
