@@ -38,7 +38,7 @@ from llmcxr_jax.convert import load_hf_model
 from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
 from llmcxr_jax.tokenizer import END_KEY, LlmCxrTokenizer
-from vqgan_flax.images import ImageLoadError, load_image, postprocess, preprocess
+from vqgan_flax.images import ImageLoadError, ImageTooSmallError, load_image, postprocess, preprocess
 
 TASKS = ("report2cxr", "cxr2report", "instruct")
 IMAGE_MODES = ("constrained", "resample")
@@ -496,6 +496,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.guidance_scale is not None and args.task != "report2cxr":
         raise ValueError(f"--guidance_scale is only for report2cxr, not {args.task}")
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    # Unreadable image files fail before the (minutes-long) model load; ImageLoadError names the file.
+    pixels = [load_image(path) for path in inputs] if args.task == "cxr2report" else []
     mesh = parallel.make_mesh([int(s) for s in args.mesh.split(",")]) if args.mesh else None
     sampler = Sampler.from_checkpoint(args.checkpoint, args.vqgan, mesh=mesh, dtype=args.dtype,
                                       batch_size=args.batch_size, sampling=sampling)
@@ -505,8 +507,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     common = dict(seed=args.seed, max_new_tokens=max_new, progress=True)
     records = []
     if args.task == "report2cxr":
-        result = sampler.report_to_cxr(inputs, instruction=args.instruction, image_mode=args.image_mode,
-                                       max_tries=args.max_tries, guidance_scale=args.guidance_scale, **common)
+        try:
+            result = sampler.report_to_cxr(inputs, instruction=args.instruction, image_mode=args.image_mode,
+                                           max_tries=args.max_tries, guidance_scale=args.guidance_scale, **common)
+        except ImageGenerationError as err:  # keep the rows that did come back before failing
+            _write_results(out, [{"task": args.task, "index": i, "input": inputs[i], "seed": args.seed,
+                                  "output": codes, **({} if codes is not None else {"error": "no full image grid"})}
+                                 for i, codes in enumerate(err.codes)])
+            raise
         pngs = postprocess(result.images) if result.images is not None else [None] * len(inputs)
         for i, png in enumerate(pngs):
             record = {"output": result.codes[i].tolist(), "tries": result.tries[i]}
@@ -518,7 +526,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if sampler.vqgan is None:
             raise ValueError("cxr2report needs --vqgan to turn the images into codes")
         size = sampler.vqgan.config.resolution
-        images = np.stack([preprocess(load_image(path), size) for path in inputs])
+        images = []
+        for path, image in zip(inputs, pixels):
+            try:
+                images.append(preprocess(image, size))
+            except ImageTooSmallError as err:
+                raise ValueError(f"{path}: {err}") from None
+        images = np.stack(images)
         result = sampler.cxr_to_report(images, instruction=args.instruction, **common)
         records = [{"output": text} for text in result.texts]
     else:
@@ -528,9 +542,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for i, record in enumerate(records):
         record.update(task=args.task, index=i, instruction=result.instructions[i], input=inputs[i], seed=args.seed,
                       timings=result.timings[i])
+    _write_results(out, records)
+    return records
+
+
+def _write_results(out: Path, records: list[dict[str, Any]]) -> None:
     with (out / "results.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    return records
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -538,8 +556,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parallel.enable_compilation_cache()
     try:
         records = run(args)
-    except (ValueError, FileNotFoundError, ImageGenerationError, ImageLoadError) as e:  # incl. CheckpointError
+    except ImageGenerationError as e:
+        sys.exit(f"error: {e}; the rows that came back are in {Path(args.out) / 'results.jsonl'}")
+    except (ValueError, FileNotFoundError, ImageLoadError) as e:  # incl. CheckpointError
         sys.exit(f"error: {e}")
+    if args.task != "report2cxr":
+        for record in records:
+            print(f"[{record['index']}] {record['output']}")
     print(f"wrote {len(records)} results to {Path(args.out) / 'results.jsonl'}")
 
 

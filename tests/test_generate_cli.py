@@ -68,7 +68,7 @@ def test_cli_report_to_cxr_writes_pngs_and_reproduces(dirs, tmp_path):
     assert first[0]["output"] != first[1]["output"]
 
 
-def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path):
+def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path, capsys):
     images = []
     for i in range(3):
         pixels = np.random.default_rng(i).integers(0, 256, (40, 48), dtype=np.uint8)
@@ -86,6 +86,29 @@ def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path):
                       "--max_new_tokens", "16", "--top_k", "20", "--temperature", "0.8", "--mesh", "1,-1,1")
     assert [r["instruction"] for r in answers] == ["What is an effusion?", "Describe the heart."]
     assert all(isinstance(r["output"], str) for r in answers)
+    printed = capsys.readouterr().out  # text outputs are shown, not only written
+    assert all(f"[{r['index']}] {r['output']}\n" in printed for r in answers)
+
+
+def test_cli_names_the_image_that_is_too_small(dirs, tmp_path):
+    good, small = tmp_path / "good.png", tmp_path / "small.png"
+    Image.fromarray(np.full((40, 48), 128, np.uint8)).save(good)
+    Image.fromarray(np.full((20, 24), 128, np.uint8)).save(small)  # the tiny VQ-GAN takes 32²
+    with pytest.raises(SystemExit, match=r"small.png: image is 20x24: short side 20 < 32"):
+        run_cli(dirs, tmp_path / "out", "--task", "cxr2report", str(good), str(small))
+    with pytest.raises(SystemExit, match=r"missing.png"):
+        run_cli(dirs, tmp_path / "out", "--task", "cxr2report", str(good), str(tmp_path / "missing.png"))
+
+
+def test_cli_resample_failure_still_writes_what_came_back(dirs, tmp_path):
+    """8 new tokens can never hold a 16x16 grid: every row fails, and each is recorded with its error."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"2 of 2 rows did not yield .* the rows that came back are in .*results"):
+        run_cli(dirs, out, "--task", "report2cxr", "--image_mode", "resample", "--max_tries", "1",
+                "--max_new_tokens", "8", "--input", REPORTS[0], "--input", REPORTS[1])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["input"], r["output"], r["error"]) for r in records] == [
+        (0, REPORTS[0], None, "no full image grid"), (1, REPORTS[1], None, "no full image grid")]
 
 
 def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
