@@ -50,6 +50,9 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     """Errors a user can cause, caught before anything is compiled."""
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     gbs, mbs = config.train.global_batch_size, config.train.micro_batches
+    for key in ("global_batch_size", "micro_batches", "loss_group_size"):
+        if config.train[key] < 1:
+            raise ValueError(f"train.{key}={config.train[key]} must be at least 1")
     if gbs % mbs:
         raise ValueError(f"train.global_batch_size={gbs} is not divisible by train.micro_batches={mbs}")
     if (gbs // mbs) % data_shards:
@@ -105,7 +108,8 @@ def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
         if kind in ("mimic", "vqa"):
             recorded = builder.info.metadata["vqgan"]
             grid = (config.vqgan.grid, config.vqgan.grid)
-            require_vqgan(recorded, name, fingerprint=config.vqgan.fingerprint or None, grid=grid)
+            # Against the config's fingerprint, else the previous builder's: MIMIC and VQA codes must agree.
+            require_vqgan(recorded, name, fingerprint=config.vqgan.fingerprint or fingerprint or None, grid=grid)
             fingerprint = recorded["fingerprint"]
     if not sources:
         raise ValueError("data: no sources; set data.mimic_builder, data.vqa_builder and/or data.dolly_builder")

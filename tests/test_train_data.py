@@ -9,8 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
+from llmcxr_jax.data.mimic_codes import VqganMismatchError
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
-from mimic_fixture import FINGERPRINT, NUM_CODES, write_mimic_tree
+from mimic_fixture import FINGERPRINT, GRID, NUM_CODES, write_mimic_tree
 from train_helpers import ROOT
 
 
@@ -54,6 +55,27 @@ def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
     assert out.returncode != 0
     assert "but some-other-vqgan was asked for" in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_mimic_and_vqa_codes_of_different_vqgans_are_refused(tmp_path):
+    """With no fingerprint in the config, the second codes-bearing dataset is held to the first one's."""
+    from llmcxr_jax import train
+
+    for name, fingerprint in (("stage1", FINGERPRINT), ("stage2", "another-vqgan")):
+        fx = write_mimic_tree(tmp_path / name)
+        meta = fx.codes_path / "meta.json"
+        meta.write_text(meta.read_text().replace(FINGERPRINT, fingerprint))
+        MimicCxrLlmcxr(config=name, data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=fx.root))
+    config = train.load_config("stage1:tiny")
+    config.data.update(data_dir=str(tmp_path / "tfds"), mimic_builder="mimic_cxr_llmcxr/stage1",
+                       vqa_builder="mimic_cxr_llmcxr/stage2", dolly_builder="")
+    config.vqgan.grid = GRID[0]
+    with pytest.raises(VqganMismatchError, match=rf"stage2: codes from VQ-GAN fingerprint another-vqgan, but "
+                                                 rf"{FINGERPRINT} was asked for"):
+        train.tfds_sources(config, "train")
+    config.data.vqa_builder = "mimic_cxr_llmcxr/stage1"
+    assert train.tfds_sources(config, "train")[1] == FINGERPRINT
 
 
 def test_build_cli_prepares_the_mimic_configs(tmp_path, capsys):

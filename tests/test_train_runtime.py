@@ -209,6 +209,9 @@ def test_non_finite_loss_stops_with_step_and_batch(tmp_path):
     (["--config.mesh.shape=(1,3,1)"], "mesh shape (1, 3, 1) needs 3 devices, but 8 are available"),
     (["--config.train.global_batch_size=4", "--config.mesh.shape=(1,8,1)"],
      "a micro-batch of 4 sequences does not divide over the 8 data×fsdp shards"),
+    (["--config.train.micro_batches=0"], "train.micro_batches=0 must be at least 1"),
+    (["--config.train.loss_mode=original", "--config.train.loss_group_size=0"],
+     "train.loss_group_size=0 must be at least 1"),
 ])
 def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, message):
     out, _ = _train_cli(tmp_path / "w", 2, override).communicate(timeout=120)
