@@ -223,9 +223,12 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     mesh = topology_mesh(topology, config.mesh.shape) if topology else parallel.make_mesh(config.mesh.shape)
     rules = parallel.DEFAULT_RULES
     check_config(config, mesh)
-    train_iter, steps_per_epoch, fingerprint = make_train_data(config)
+    if dry:  # shapes only: no dataset needs to exist, and any step count shapes the schedule
+        train_iter, steps, fingerprint = None, max(config.train.num_steps, 1), config.vqgan.fingerprint
+    else:
+        train_iter, steps_per_epoch, fingerprint = make_train_data(config)
+        steps = total_steps(config, steps_per_epoch)
     metadata = {"stage": config.stage, **token_metadata(config), "vqgan_fingerprint": fingerprint}
-    steps = total_steps(config, steps_per_epoch)
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
