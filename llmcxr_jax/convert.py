@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,11 @@ class _TorchBin:
     """A `pytorch_model.bin` opened with `weights_only=True` and mmap; torch is imported only here."""
 
     def __init__(self, path: Path):
-        import torch  # conversion of .bin files is the only place torch is needed
-
+        try:
+            import torch  # conversion of .bin files is the only place torch is needed
+        except ImportError:
+            raise ConversionError(f"{path}: reading PyTorch .bin weights needs torch; install the `convert` extra "
+                                  "(torch for your machine), or give a directory with .safetensors weights") from None
         self._torch = torch
         try:
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -279,8 +283,6 @@ def save_hf_model(model: GPTNeoX, path: str | Path, *, max_shard_bytes: int = 5 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llmcxr_jax import checkpoint
-
     parser = argparse.ArgumentParser(prog="python -m llmcxr_jax.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     h2o = sub.add_parser("hf-to-orbax", help="HF GPT-NeoX directory → Orbax parameter checkpoint")
@@ -291,6 +293,16 @@ def main(argv: list[str] | None = None) -> None:
     o2h.add_argument("ckpt_dir")
     o2h.add_argument("hf_dir")
     args = parser.parse_args(argv)
+    try:
+        _convert(args)
+    except (ValueError, OSError) as e:  # ConversionError, CheckpointError, missing files: the message names them
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.ckpt_dir if args.command == 'hf-to-orbax' else args.hf_dir}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from llmcxr_jax import checkpoint
+
     if args.command == "hf-to-orbax":
         model = load_hf_model(args.hf_dir, dtype=args.dtype)
         checkpoint.save_model(model, args.ckpt_dir, extra_metadata={"converted_from": str(Path(args.hf_dir))})
@@ -299,7 +311,6 @@ def main(argv: list[str] | None = None) -> None:
         model = checkpoint.load_model(args.ckpt_dir)
         save_hf_model(model, args.hf_dir)
         _copy_tokenizer(Path(args.ckpt_dir), Path(args.hf_dir))
-    print(f"wrote {args.ckpt_dir if args.command == 'hf-to-orbax' else args.hf_dir}")
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

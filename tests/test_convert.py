@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,23 @@ def test_truncated_bin(tmp_path):
     (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match=r"pytorch_model.bin: cannot read PyTorch weights"):
         load_hf_model(path)
+
+
+def test_bin_without_torch_installed_says_what_to_install(tmp_path, monkeypatch):
+    path = _write_old_style_bin(tiny_hf_model(), tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as on a torch-less machine
+    with pytest.raises(ConversionError, match=r"pytorch_model.bin: reading PyTorch .bin weights needs torch; "
+                                              r"install the `convert` extra"):
+        load_hf_model(path)
+
+
+def test_cli_bad_input_is_one_line_naming_the_problem(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"^error: .*hf: no weights found"):
+        convert.main(["hf-to-orbax", str(path), str(tmp_path / "ckpt")])
+    with pytest.raises(SystemExit, match=r"^error: .*nothing_here"):
+        convert.main(["orbax-to-hf", str(tmp_path / "nothing_here"), str(tmp_path / "hf2")])
 
 
 def test_missing_tensor(tmp_path):
