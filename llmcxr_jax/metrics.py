@@ -1,7 +1,9 @@
 """Scores for generated reports and images: pure functions of texts, label arrays, pixels and code arrays.
 
-Report text metrics follow the implementations papers report, so numbers are comparable: BLEU as the COCO
-caption evaluation's Bleu scorer (pycocoevalcap) computes it and ROUGE-L as Google's `rouge-score` does. Finding
+Report text metrics follow the implementations papers report: BLEU as the COCO caption evaluation's Bleu scorer
+(pycocoevalcap) computes it on whitespace tokens, and ROUGE-L as Google's `rouge-score` does. The COCO pipeline's
+PTB tokenizer (lowercasing, punctuation removal) is not applied: case and punctuation count here, so normalise
+both texts first to compare with papers that ran it. Finding
 labels are read by a pluggable `Labeler`; the default reads the phantom label set (llmcxr_jax.data.phantom), a
 MIMIC user plugs in e.g. CheXpert labels. Baselines (prior-matched random labels, all-normal labels) give the
 floor a model must beat.
