@@ -38,7 +38,7 @@ from llmcxr_jax import metrics
 from llmcxr_jax.data.mimic_codes import default_codes_path, load_codes, vqgan_metadata
 from llmcxr_jax.data.mimic_files import (METADATA_CSV, REPORTS_DIR, SELECTED_VIEWS, SPLIT_CSV, WHERE,
                                          read_metadata_csv, read_split_csv, require_files, rows_of_split)
-from llmcxr_jax.data.mimic_records import ReportCache
+from llmcxr_jax.data.mimic_records import REPORT_SKIPS, ReportCache
 from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
 from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import DEFAULT_SEED, choose_instruction
@@ -163,8 +163,8 @@ def select_mimic_eval(manual_dir: str | Path, codes_path: str | Path, eval_ids: 
     """generate_eval.py's dataset, with counts of what was left out and why.
 
     Validate ∪ test images with metadata and ViewPosition PA or AP, sorted by dicom_id, restricted to `eval_ids`;
-    an image is then skipped without a report file (`no_report`), without exactly one IMPRESSION
-    (`parse_failure`) or without codes (`no_codes`). Entries of the original's pickle with codes of the wrong
+    an image is then skipped without a report file (`no_report`), with one that is not UTF-8
+    (`undecodable_report`), without exactly one IMPRESSION (`parse_failure`) or without codes (`no_codes`). Entries of the original's pickle with codes of the wrong
     length or range are skipped as `invalid_codes`; generate_eval.py did not check them, but no model input can
     be made from them.
     """
@@ -178,7 +178,7 @@ def select_mimic_eval(manual_dir: str | Path, codes_path: str | Path, eval_ids: 
     chosen = [r for r in frontal if r.dicom_id in eval_ids]
     codes = load_codes(Path(codes_path).resolve(), grid, num_codes)
     reports = ReportCache(manual_dir / REPORTS_DIR, stage=2)
-    counts = collections.Counter(dict.fromkeys(("no_report", "parse_failure", "invalid_codes", "no_codes"), 0))
+    counts = collections.Counter(dict.fromkeys((*REPORT_SKIPS, "invalid_codes", "no_codes"), 0))
     counts.update(eval_ids=len(eval_ids), eval_ids_not_pa_ap_validate_test=len(eval_ids) - len(chosen))
     items = []
     for row in chosen:

@@ -45,7 +45,7 @@ def expected(fx, stage, selection):
     for split, mimic_splits in OUR_SPLITS.items():
         images = [i for i in fx.images if i.split in mimic_splits]
         counts = collections.Counter(kept=0, invalid_codes=0, outside_selection=0, no_codes=0, no_report=0,
-                                     parse_failure=0)
+                                     undecodable_report=0, parse_failure=0)
         counts["invalid_codes"] = sum(i.codes in invalid_kinds for i in images)
         ordered = sorted((i for i in images if i.codes not in invalid_kinds), key=lambda i: i.dicom_id)
         records = []

@@ -79,7 +79,7 @@ def _expected(fx, eval_ids):
     chosen = sorted((i for i in fx.images if i.split in ("validate", "test") and i.view in ("PA", "AP")
                      and i.dicom_id in eval_ids), key=lambda i: i.dicom_id)
     counts = {"eval_ids": len(eval_ids), "eval_ids_not_pa_ap_validate_test": len(eval_ids) - len(chosen),
-              "no_report": 0, "parse_failure": 0, "invalid_codes": 0, "no_codes": 0}
+              "no_report": 0, "undecodable_report": 0, "parse_failure": 0, "invalid_codes": 0, "no_codes": 0}
     kept = []
     for image in chosen:
         if image.study.report == "missing":
