@@ -13,7 +13,9 @@ shard is also written as the original's pickle (a list of dicts). `reports` scor
 
 Unlike the original's unseeded `random.choice`, each record's instructions and sampling seed are fixed by
 (seed, dicom_id), so a record's outputs do not depend on sharding or on where a run was interrupted (with
-batch_size 1; a larger batch shares one seed per batch).
+batch_size 1; a larger batch shares one seed per batch). What else fixes the outputs (the model, the codes, the
+sampler's options, the batch size) is recorded beside the results, and a resumed run with other settings is
+refused.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from llmcxr_jax import metrics
-from llmcxr_jax.data.mimic_codes import default_codes_path, load_codes
+from llmcxr_jax.data.mimic_codes import default_codes_path, load_codes, vqgan_metadata
 from llmcxr_jax.data.mimic_files import (METADATA_CSV, REPORTS_DIR, SELECTED_VIEWS, SPLIT_CSV, WHERE,
                                          read_metadata_csv, read_split_csv, require_files, rows_of_split)
-from llmcxr_jax.data.mimic_records import ReportCache
+from llmcxr_jax.data.mimic_records import REPORT_SKIPS, ReportCache
 from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
+from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import DEFAULT_SEED, choose_instruction
 from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
 
@@ -124,10 +127,12 @@ class EvalItem:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSelection:
-    """The evaluated images in order, and how many eval ids were left out and why."""
+    """The evaluated images in order, how many eval ids were left out and why, and which codes (as
+    `mimic_codes.vqgan_metadata` describes them) the images were given as."""
 
     items: tuple[EvalItem, ...]
     counts: Mapping[str, int]
+    codes: Mapping[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +163,8 @@ def select_mimic_eval(manual_dir: str | Path, codes_path: str | Path, eval_ids: 
     """generate_eval.py's dataset, with counts of what was left out and why.
 
     Validate ∪ test images with metadata and ViewPosition PA or AP, sorted by dicom_id, restricted to `eval_ids`;
-    an image is then skipped without a report file (`no_report`), without exactly one IMPRESSION
-    (`parse_failure`) or without codes (`no_codes`). Entries of the original's pickle with codes of the wrong
+    an image is then skipped without a report file (`no_report`), with one that is not UTF-8
+    (`undecodable_report`), without exactly one IMPRESSION (`parse_failure`) or without codes (`no_codes`). Entries of the original's pickle with codes of the wrong
     length or range are skipped as `invalid_codes`; generate_eval.py did not check them, but no model input can
     be made from them.
     """
@@ -171,9 +176,9 @@ def select_mimic_eval(manual_dir: str | Path, codes_path: str | Path, eval_ids: 
                       if r.dicom_id in metadata and metadata[r.dicom_id].view in SELECTED_VIEWS),
                      key=lambda r: r.dicom_id)
     chosen = [r for r in frontal if r.dicom_id in eval_ids]
-    codes = load_codes(Path(codes_path), grid, num_codes)
+    codes = load_codes(Path(codes_path).resolve(), grid, num_codes)
     reports = ReportCache(manual_dir / REPORTS_DIR, stage=2)
-    counts = collections.Counter(dict.fromkeys(("no_report", "parse_failure", "invalid_codes", "no_codes"), 0))
+    counts = collections.Counter(dict.fromkeys((*REPORT_SKIPS, "invalid_codes", "no_codes"), 0))
     counts.update(eval_ids=len(eval_ids), eval_ids_not_pa_ap_validate_test=len(eval_ids) - len(chosen))
     items = []
     for row in chosen:
@@ -185,7 +190,7 @@ def select_mimic_eval(manual_dir: str | Path, codes_path: str | Path, eval_ids: 
             continue
         items.append(EvalItem(row.dicom_id, row.subject_id, report, np.asarray(codes.by_id[row.dicom_id])))
     counts["selected"] = len(items)
-    return EvalSelection(tuple(items), dict(counts))
+    return EvalSelection(tuple(items), dict(counts), vqgan_metadata(codes))
 
 
 # ---- result files -----------------------------------------------------------------------------------------------
@@ -243,13 +248,26 @@ def write_results_pickle(records: Sequence[Mapping], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def _differences(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`name: value there, value now` per setting of `now` that differs from `before`; nested names joined by dots."""
+    diffs = []
+    for key, value in now.items():
+        if key not in before:
+            diffs.append(f"{prefix}{key}: not recorded there, {value!r} now")
+        elif isinstance(value, dict) and isinstance(before[key], dict):
+            diffs += _differences(before[key], value, f"{prefix}{key}.")
+        elif before[key] != value:
+            diffs.append(f"{prefix}{key}: {before[key]!r} there, {value!r} now")
+    return diffs
+
+
 def _check_settings(path: Path, settings: dict, counts: Mapping[str, int]) -> None:
     """Record the run's settings and selection counts beside its results (same name, .json), and refuse to continue
     results made with other settings."""
     sidecar = path.with_suffix(".json")
+    settings = json.loads(json.dumps(settings))  # compared as they read back (tuples become lists)
     if sidecar.exists():
-        before = json.loads(sidecar.read_text())["settings"]
-        diffs = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in settings.items() if before.get(k) != v]
+        diffs = _differences(json.loads(sidecar.read_text())["settings"], settings)
         if diffs:
             raise EvalInputError(f"{sidecar}: cannot resume {path.name} with other settings ({'; '.join(diffs)}); "
                                  "use another --out directory")
@@ -317,10 +335,13 @@ def _generate(sampler: EvalSampler, batch: Sequence[EvalItem], seed: int, image_
 def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], EvalSampler], out_dir: str | Path, *,
                        rank: int = 0, world: int = 1, seed: int = DEFAULT_SEED, batch_size: int = 1,
                        image_offset: int = ORIGINAL_IMAGE_OFFSET, report_tokens: int = REPORT_TOKENS,
-                       image_tokens: int = IMAGE_TOKENS) -> RunSummary:
+                       image_tokens: int = IMAGE_TOKENS,
+                       sampler_settings: Mapping[str, Any] | None = None) -> RunSummary:
     """Generate this rank's share `selection.items[rank::world]`, appending one flushed JSON line per image.
 
     Ids already in the results file are not generated again; `make_sampler` is called only if work remains.
+    `sampler_settings` (JSON values) say which sampler `make_sampler` builds, e.g. the model and image mode;
+    they are compared on resumption with the run's own settings and the selection's codes.
     Once the shard is complete its records are also written as the original's pickle (same name, .pickle).
     """
     if not 0 <= rank < world or batch_size < 1:
@@ -330,8 +351,9 @@ def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], Eval
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path(out_dir, rank, world)
     shard = selection.items[rank::world]
-    settings = {"seed": seed, "rank": rank, "world": world, "image_offset": image_offset,
-                "report_tokens": report_tokens, "image_tokens": image_tokens}
+    settings = {"seed": seed, "rank": rank, "world": world, "batch_size": batch_size, "image_offset": image_offset,
+                "report_tokens": report_tokens, "image_tokens": image_tokens, "codes": dict(selection.codes),
+                **(sampler_settings or {})}
     _check_settings(path, settings, selection.counts)
     done = _resume(path, {item.dicom_id for item in shard})
     todo = [item for item in shard if item.dicom_id not in done]
@@ -350,6 +372,12 @@ def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], Eval
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
+
+def _sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What of `_load_sampler(args)` changes the outputs, recorded so a resumed run cannot switch models."""
+    return {"checkpoint": checkpoint_identity(args.checkpoint), "image_mode": args.image_mode,
+            "max_tries": args.max_tries}
+
 
 def _load_sampler(args: argparse.Namespace) -> EvalSampler:
     from llmcxr_jax.generate import Sampler  # JAX and the model: imported only when there is work to do
@@ -425,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       read_eval_ids(args.eval_ids), tuple(args.grid), args.num_codes)
         summary = run_mimic_protocol(selection, lambda: _load_sampler(args), args.out,
                                      rank=args.rank, world=args.world, seed=args.seed, batch_size=args.batch_size,
-                                     image_offset=args.image_offset)
+                                     image_offset=args.image_offset, sampler_settings=_sampler_settings(args))
         result = {"results": str(summary.path), "pickle": str(summary.pickle_path), "shard": summary.shard,
                   "resumed": summary.resumed, "written": summary.written, "selection": dict(selection.counts)}
     else:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import vqgan_flax
 from llmcxr_jax import checkpoint, parallel, prompts
 from llmcxr_jax.convert import load_hf_model
+from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
 from llmcxr_jax.tokenizer import END_KEY, LlmCxrTokenizer
@@ -391,20 +392,18 @@ def load_language_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = No
                         dtype: str = "bfloat16") -> tuple[GPTNeoX, dict[str, Any], str]:
     """(model, metadata, metadata source) from an HF directory, a converted checkpoint or a training workdir."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    kind = checkpoint_kind(path)
+    if kind == "hf":
         return load_hf_model(path, dtype=dtype, mesh=mesh), {}, str(path / "config.json")
     runtime = {"dtype": dtype, "param_dtype": dtype}
-    if (path / "meta.json").is_file():
+    if kind == "converted":
         meta = checkpoint.read_metadata(path)
         return checkpoint.load_model(path, mesh=mesh, **runtime), meta, str(path / "meta.json")
-    if (path / "checkpoints").is_dir():
-        ckpts = checkpoint.TrainCheckpoints(path, every=0, keep=1, async_save=False)
-        step = ckpts.latest_step()
-        meta = ckpts.read_meta(step) if step is not None else {}
-        ckpts.close()
-        return checkpoint.load_model(path, mesh=mesh, **runtime), meta, f"{path / 'checkpoints'} step {step} meta"
-    raise FileNotFoundError(f"{path}: not a model: expected config.json (HF directory), meta.json (converted "
-                            "checkpoint) or checkpoints/ (training workdir)")
+    ckpts = checkpoint.TrainCheckpoints(path, every=0, keep=1, async_save=False)
+    step = ckpts.latest_step()
+    meta = ckpts.read_meta(step) if step is not None else {}
+    ckpts.close()
+    return checkpoint.load_model(path, mesh=mesh, **runtime), meta, f"{path / 'checkpoints'} step {step} meta"
 
 
 def load_tokenizer(path: str | Path, num_image_codes: int | None) -> LlmCxrTokenizer:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqgan_flax.codes import CodesMeta, CodesWriter
+from vqgan_flax.codes import CodesMeta, CodesWriter, import_pickle
 
 GRID = (16, 16)
 NUM_CODES = 1024
@@ -75,7 +75,7 @@ class Fixture:
     images: tuple[Image, ...]
     studies: tuple[Study, ...]
     codes_path: Path
-    codes_format: str  # "dir" or "pickle"
+    codes_format: str  # "dir" (as the encoder writes it), "pickle" (the original's) or "imported" (pickle -> dir)
     selection_file: frozenset[str] | None  # ids written to the selection pickle, if one was written
 
 
@@ -152,6 +152,10 @@ def write_mimic_tree(root: Path, *, codes_format: str = "dir", selection: bool =
     else:
         codes_path = root / "mimic-cxr-256-txvloss_codebook_indices.pickle"
         codes_path.write_bytes(pickle.dumps({i.dicom_id: i.code_values() for i in present}))
+        if codes_format == "imported":
+            import_pickle(codes_path, root / "codes", CodesMeta(FINGERPRINT, GRID, NUM_CODES, {"name": "fixture"}))
+            codes_path.unlink()
+            codes_path = root / "codes"
     chosen = None
     if selection:
         frontal = [i for i in images if i.view in ("PA", "AP")]

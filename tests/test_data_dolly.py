@@ -76,3 +76,14 @@ def test_malformed_line_is_named(tmp_path, bad, message):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DollyFileError, match=f"{path}:17: {message}"):
         build(tmp_path, tmp_path / "data")
+
+
+def test_non_utf8_file_names_the_line_and_byte(tmp_path):
+    path = tmp_path / "databricks-dolly-15k.jsonl"
+    write_jsonl(path, 30)
+    lines = path.read_bytes().split(b"\n")
+    lines[16] = lines[16].replace(b'"instruction": "', b'"instruction": "caf\xe9 ', 1)  # latin-1, line 17
+    path.write_bytes(b"\n".join(lines))
+    offset = path.read_bytes().index(b"\xe9")
+    with pytest.raises(DollyFileError, match=f"{path}:17: not UTF-8 text: byte 0xe9 at offset {offset} "):
+        build(tmp_path, tmp_path / "data")

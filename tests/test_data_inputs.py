@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import csv
 import datetime
+import logging
 import pickle
 import shutil
 
@@ -13,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
 from llmcxr_jax.data.mimic_files import (ManualFilesMissingError, MimicFileError, load_selection,
-                                         reconstruct_selection, read_metadata_csv, read_split_csv)
+                                         reconstruct_selection, read_metadata_csv, read_split_csv, report_path)
 from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
 from mimic_fixture import write_mimic_tree
 from vqgan_flax.codes import CodesError
@@ -77,17 +78,34 @@ def test_unreadable_study_date_names_the_line(tmp_path):
         reconstruct_selection(images, read_metadata_csv(meta_csv), meta_csv)
 
 
-def test_missing_report_is_a_counted_skip(tmp_path):
+@pytest.mark.parametrize("damage, reason", [("delete", "no_report"), ("latin-1", "undecodable_report")])
+def test_missing_or_undecodable_report_is_a_counted_skip(tmp_path, caplog, damage, reason):
     fx = write_mimic_tree(tmp_path / "m")
     before = build(fx.root, tmp_path / "before").build_counts["train"]
     kept = [i for i in fx.images if i.split == "train" and i.codes == "valid"
             and i.study.report in ("findings_impression", "impression_only", "findings_only")]
     study = kept[0].study
-    (fx.root / "reports" / "files" / f"p{study.subject_id[:2]}" / f"p{study.subject_id}"
-     / f"s{study.study_id}.txt").unlink()
+    path = report_path(fx.root / "reports", study.subject_id, study.study_id)
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes().replace(b"EXAMINATION:", b"EXAMINATION: caf\xe9", 1))
     lost = sum(i.study == study for i in kept)
-    after = build(fx.root, tmp_path / "after").build_counts["train"]
-    assert after["kept"] == before["kept"] - lost and after["no_report"] == before["no_report"] + lost
+    with caplog.at_level(logging.WARNING, logger="llmcxr_jax.data.mimic_records"):
+        after = build(fx.root, tmp_path / "after").build_counts["train"]
+    assert after["kept"] == before["kept"] - lost and after[reason] == before[reason] + lost
+    assert after["parse_failure"] == before["parse_failure"]
+    assert (f"{path}:2: not UTF-8 text: byte 0xe9" in caplog.text) == (damage == "latin-1")
+
+
+def test_non_utf8_csv_names_the_file_line_and_byte(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    split_csv = fx.root / "mimic-cxr-2.0.0-split.csv"
+    data = split_csv.read_bytes()
+    third_line = data.index(b"\n", data.index(b"\n") + 1) + 1
+    split_csv.write_bytes(data[:third_line] + b"\xff" + data[third_line:])
+    with pytest.raises(MimicFileError, match=rf"{split_csv}:3: not UTF-8 text: byte 0xff at offset {third_line} "):
+        build(fx.root, tmp_path / "data")
 
 
 def test_invalid_codes_in_the_pickle_are_counted_and_removed_before_alternating(tmp_path):

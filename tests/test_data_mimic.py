@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import pickle
 import sys
 from pathlib import Path
 
@@ -15,8 +16,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from llmcxr_jax.data.mimic_builder import MimicCxrConfig, MimicCxrLlmcxr
-from llmcxr_jax.data.mimic_codes import VqganMismatchError, require_vqgan
-from mimic_fixture import FINGERPRINT, GRID, NUM_CODES, OUR_SPLITS, reconstructed_selection, write_mimic_tree
+from llmcxr_jax.data.mimic_codes import VqganMismatchError, load_codes, require_vqgan
+from llmcxr_jax.data.mimic_files import ImageRow, report_path
+from llmcxr_jax.data.mimic_records import plan_split
+from mimic_fixture import (FINGERPRINT, GRID, NUM_CODES, OUR_SPLITS, Study, reconstructed_selection,
+                           write_mimic_tree)
+from vqgan_flax.codes import CodesMeta, import_pickle
 
 
 def build(fx, data_dir, config):
@@ -35,12 +40,12 @@ def expected_report(study, stage):
 
 def expected(fx, stage, selection):
     """split -> (list of (dicom_id, direction, report, view, codes)), counts), by SPEC §6."""
-    invalid_kinds = ("wrong_length", "out_of_range") if fx.codes_format == "pickle" else ()
+    invalid_kinds = ("wrong_length", "out_of_range") if fx.codes_format in ("pickle", "imported") else ()
     out = {}
     for split, mimic_splits in OUR_SPLITS.items():
         images = [i for i in fx.images if i.split in mimic_splits]
         counts = collections.Counter(kept=0, invalid_codes=0, outside_selection=0, no_codes=0, no_report=0,
-                                     parse_failure=0)
+                                     undecodable_report=0, parse_failure=0)
         counts["invalid_codes"] = sum(i.codes in invalid_kinds for i in images)
         ordered = sorted((i for i in images if i.codes not in invalid_kinds), key=lambda i: i.dicom_id)
         records = []
@@ -69,10 +74,11 @@ def built_records(builder, split):
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
-    """Fixture trees: codes as a directory without a selection file, and as the pickle with one."""
+    """Fixture trees: codes as an encoded directory and as one imported from the pickle, both without a selection
+    file, and as the pickle with one."""
     base = tmp_path_factory.mktemp("mimic")
-    return {"dir": write_mimic_tree(base / "dir"), "pickle": write_mimic_tree(base / "pickle", codes_format="pickle",
-                                                                              selection=True)}
+    return {"dir": write_mimic_tree(base / "dir"), "imported": write_mimic_tree(base / "imported", codes_format="imported"),
+            "pickle": write_mimic_tree(base / "pickle", codes_format="pickle", selection=True)}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +88,7 @@ def built(trees, tmp_path_factory):
     return {(fmt, config): build(trees[fmt], data / fmt, config) for fmt in trees for config in ("stage1", "stage2")}
 
 
-@pytest.mark.parametrize("fmt", ["dir", "pickle"])
+@pytest.mark.parametrize("fmt", ["dir", "imported", "pickle"])
 def test_stage1_records_counts_and_alternation(trees, built, fmt):
     fx, builder = trees[fmt], built[(fmt, "stage1")]
     want = expected(fx, 1, None)
@@ -105,6 +111,26 @@ def test_fixture_exercises_every_skip_and_the_alternation_gap(trees, built):
     directions = [d for _, d, *_ in expected(trees["pickle"], 1, None)["train"][0]]
     assert any(a == b for a, b in zip(directions, directions[1:]))
     assert set(directions) == {"cxr2report", "report2cxr"}
+
+
+def test_invalid_codes_give_the_same_directions_from_the_pickle_and_the_imported_directory(tmp_path):
+    """Four images of one study, d0 with 255 codes: SPEC §6 drops d0 before alternating, so d1 d2 d3 get
+    cxr2report, report2cxr, cxr2report, whether the codes are the pickle or a directory imported from it."""
+    study = Study("10000001", "50000001", "21800101", "101010.125", "findings_impression")
+    report = report_path(tmp_path / "reports", study.subject_id, study.study_id)
+    report.parent.mkdir(parents=True)
+    report.write_text(study.text())
+    values = list(range(GRID[0] * GRID[1]))
+    pickle_path = tmp_path / "codes.pickle"
+    pickle_path.write_bytes(pickle.dumps({"d0": values[:-1], "d1": values, "d2": values, "d3": values}))
+    import_pickle(pickle_path, tmp_path / "codes", CodesMeta(FINGERPRINT, GRID, NUM_CODES, {}))
+    rows = [ImageRow(f"d{i}", study.subject_id, study.study_id, "train") for i in range(4)]
+    want = [("d1", "cxr2report"), ("d2", "report2cxr"), ("d3", "cxr2report")]
+    for source in (pickle_path, tmp_path / "codes"):
+        planned, counts = plan_split(rows, {}, load_codes(source, GRID, NUM_CODES), tmp_path / "reports", 1,
+                                     None, "train")
+        assert [(r.dicom_id, r.direction) for r in planned] == want, source
+        assert (counts["invalid_codes"], counts["no_codes"]) == (1, 0), source
 
 
 def test_stage2_reconstructs_selection_without_file(trees, built):

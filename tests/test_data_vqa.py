@@ -70,6 +70,9 @@ def test_vqa_file_is_a_literal_never_code(tmp_path):
     path.write_text("{'question': 'q', 'answer': 'a'}\n")
     with pytest.raises(VqaFileError, match="expected a list of dicts, got a dict"):
         read_vqa_file(path)
+    path.write_bytes(b"[{'question': 'caf\xe9?', 'answer': 'a'}]\n")  # latin-1
+    with pytest.raises(VqaFileError, match=f"{path}:1: not UTF-8 text: byte 0xe9 at offset 18 "):
+        read_vqa_file(path)
     misplaced = tmp_path / "notes.txt"
     misplaced.write_text("[]")
     with pytest.raises(VqaFileError, match="pNNNNNNNN/sMMMMMMMM.txt"):

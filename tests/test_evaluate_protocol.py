@@ -18,6 +18,7 @@ import pytest
 from llmcxr_jax import evaluate
 from llmcxr_jax.evaluate import (EvalInputError, read_eval_ids, read_results, results_path, run_mimic_protocol,
                                  select_mimic_eval, write_results_pickle)
+from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import CXR_VQ_OUTPUT_INSTRUCTION_LIST, choose_instruction
 from mimic_fixture import GRID, write_mimic_tree
 from vqgan_flax.safe_pickle import restricted_load
@@ -78,7 +79,7 @@ def _expected(fx, eval_ids):
     chosen = sorted((i for i in fx.images if i.split in ("validate", "test") and i.view in ("PA", "AP")
                      and i.dicom_id in eval_ids), key=lambda i: i.dicom_id)
     counts = {"eval_ids": len(eval_ids), "eval_ids_not_pa_ap_validate_test": len(eval_ids) - len(chosen),
-              "no_report": 0, "parse_failure": 0, "invalid_codes": 0, "no_codes": 0}
+              "no_report": 0, "undecodable_report": 0, "parse_failure": 0, "invalid_codes": 0, "no_codes": 0}
     kept = []
     for image in chosen:
         if image.study.report == "missing":
@@ -210,9 +211,18 @@ def test_protocol_runner_finished_shard_does_not_build_the_sampler(tree, tmp_pat
 
 def test_protocol_runner_refuses_to_mix_runs(tree, tmp_path):
     _, _, _, selection = tree
-    _run(selection, tmp_path / "out")
+    _run(selection, tmp_path / "out", sampler_settings={"image_mode": "resample"})
     with pytest.raises(EvalInputError, match="seed: 42 there, 7 now"):
-        run_mimic_protocol(selection, _never, tmp_path / "out", seed=7)
+        run_mimic_protocol(selection, _never, tmp_path / "out", seed=7, sampler_settings={"image_mode": "resample"})
+    with pytest.raises(EvalInputError, match="batch_size: 1 there, 2 now"):  # batches share one seed
+        _run(selection, tmp_path / "out", batch_size=2, sampler_settings={"image_mode": "resample"})
+    with pytest.raises(EvalInputError, match="image_mode: 'resample' there, 'constrained' now"):
+        _run(selection, tmp_path / "out", sampler_settings={"image_mode": "constrained"})
+    other_codes = dataclasses.replace(selection, codes={**selection.codes, "codes_source": "/elsewhere"})
+    with pytest.raises(EvalInputError, match="codes.codes_source: .* there, '/elsewhere' now"):
+        _run(other_codes, tmp_path / "out", sampler_settings={"image_mode": "resample"})
+    with pytest.raises(EvalInputError, match="max_tries: not recorded there, 3 now"):
+        _run(selection, tmp_path / "out", sampler_settings={"image_mode": "resample", "max_tries": 3})
     foreign = dataclasses.replace(selection, items=selection.items[1:])
     with pytest.raises(EvalInputError, match="not in this rank's share"):
         run_mimic_protocol(foreign, _never, tmp_path / "out", seed=SEED)
@@ -243,15 +253,71 @@ def test_eval_ids_reader_accepts_lists_and_dicts_and_explains_sets(tmp_path):
 
 def test_cli_mimic_runs_the_protocol(tree, tmp_path, monkeypatch, capsys):
     fx, eval_ids, ids_file, selection = tree
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
     built = []
     monkeypatch.setattr(evaluate, "_load_sampler",
                         lambda args: built.append((args.checkpoint, args.vqgan)) or ScriptedSampler())
-    evaluate.main(["mimic", "--checkpoint", "CKPT", "--vqgan", "VQ", "--manual_dir", str(fx.root), "--eval_ids",
-                   str(ids_file), "--out", str(tmp_path / "out"), "--rank", "1", "--world", "2"])
+    evaluate.main(["mimic", "--checkpoint", str(checkpoint), "--vqgan", "VQ", "--manual_dir", str(fx.root),
+                   "--eval_ids", str(ids_file), "--out", str(tmp_path / "out"), "--rank", "1", "--world", "2"])
     printed = json.loads(capsys.readouterr().out)
-    assert built == [("CKPT", "VQ")]  # default codes path found in the manual directory
+    assert built == [(str(checkpoint), "VQ")]  # default codes path found in the manual directory
     assert printed["selection"] == dict(selection.counts) and printed["written"] == len(selection.items[1::2])
     assert [r["dicom_id"] for r in read_results(printed["results"])] == [i.dicom_id for i in selection.items[1::2]]
+
+
+def _workdir_at_step(path, step):
+    """A training workdir whose newest complete checkpoint is `step` (an Orbax temporary directory beside it)."""
+    (path / "checkpoints" / str(step) / "state").mkdir(parents=True)
+    (path / "checkpoints" / str(step) / "state" / "data").write_bytes(b"weights")
+    (path / "checkpoints" / f"{step + 1}.orbax-checkpoint-tmp-1").mkdir()
+
+
+@pytest.mark.parametrize("kind, change, setting", [
+    ("hf", ["--image_mode", "constrained"], "image_mode: 'resample' there, 'constrained' now"),
+    ("hf", ["--max_tries", "3"], "max_tries: 10 there, 3 now"),
+    ("hf", ["--batch_size", "2"], "batch_size: 1 there, 2 now"),
+    ("hf", "resave", "checkpoint.files: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"),
+    ("hf", "move", "checkpoint.path: '.*ckpt' there, '.*moved' now"),
+    ("workdir", "train_on", "checkpoint.step: 100 there, 200 now"),
+])
+def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, monkeypatch, capsys, kind, change,
+                                                                setting):
+    fx, _, ids_file, _ = tree
+    checkpoint = tmp_path / "ckpt"
+    if kind == "hf":
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text("{}")
+        (checkpoint / "model.safetensors").write_bytes(b"weights")
+    else:
+        _workdir_at_step(checkpoint, 100)
+    monkeypatch.setattr(evaluate, "_load_sampler", lambda args: ScriptedSampler())
+
+    def run(ckpt, *extra):
+        evaluate.main(["mimic", "--checkpoint", str(ckpt), "--vqgan", "VQ", "--manual_dir", str(fx.root),
+                       "--eval_ids", str(ids_file), "--out", str(tmp_path / "out"), *extra])
+        return json.loads(capsys.readouterr().out)
+
+    first = run(checkpoint)
+    assert run(checkpoint)["resumed"] == first["written"] > 0  # the same settings resume
+    extra: list[str] = change if isinstance(change, list) else []
+    if change == "resave":
+        (checkpoint / "model.safetensors").write_bytes(b"other weights")
+    elif change == "move":
+        checkpoint = checkpoint.rename(tmp_path / "moved")
+    elif change == "train_on":
+        _workdir_at_step(checkpoint, 200)
+    with pytest.raises(EvalInputError, match=f"llm-cxr__eval_results_0_1.json: cannot resume .*{setting}"):
+        run(checkpoint, *extra)
+
+
+def test_checkpoint_identity_needs_a_model_with_a_complete_step(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a model"):
+        checkpoint_identity(tmp_path)
+    (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="checkpoints: no complete checkpoint step yet"):
+        checkpoint_identity(tmp_path)
 
 
 def test_cli_reports_scores_result_files(tmp_path, capsys):

@@ -4,6 +4,8 @@ a random model's report→CXR never yields a full image when sampling freely, wh
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from llmcxr_jax.convert import load_hf_model
@@ -63,6 +65,6 @@ def test_generate_sampler_runs_the_protocol_with_a_tiny_model(tiny_sampler, sele
 
 def test_generate_sampler_records_no_image_when_resampling_runs_out(tiny_sampler, selection, tmp_path):
     adapter = GenerateSampler(tiny_sampler, image_mode="resample", max_tries=1)
-    one = type(selection)(selection.items[:1], selection.counts)
+    one = dataclasses.replace(selection, items=selection.items[:1])
     records = read_results(run_mimic_protocol(one, lambda: adapter, tmp_path / "out", seed=SEED).path)
     assert records[0]["gen_image"] is None and isinstance(records[0]["gen_report"], str)

@@ -125,9 +125,29 @@ def test_pickle_import_export(tmp_path):
     reader = CodesDir.open(tmp_path / "codes")
     assert len(list((tmp_path / "codes").glob("shard-*.npz"))) == 3
     np.testing.assert_array_equal(reader["id3"].reshape(-1), good["id3"])
+    assert reader.invalid_ids == set(bad) and not set(bad) & set(reader)  # kept aside, not codes
     codes_lib.export_pickle(reader, tmp_path / "back.pickle")
     with (tmp_path / "back.pickle").open("rb") as f:  # plain dict[str, list[int]], as the original's loader reads
-        assert restricted_load(f, "back.pickle", {}, "plain data") == good
+        back = restricted_load(f, "back.pickle", {}, "plain data")
+    assert {k: v for k, v in back.items() if k in good} == good
+    assert codes_lib.read_pickle(tmp_path / "back.pickle", TINY.grid, TINY.num_codes)[1] == set(bad)
+
+
+def test_encoded_directory_has_no_invalid_ids_and_a_writer_keeps_them_apart(tmp_path):
+    writer = CodesWriter(tmp_path, META)
+    writer.write(["a"], random_codes(1))
+    assert CodesDir.open(tmp_path).invalid_ids == frozenset()
+    writer.write_invalid(["z"])
+    with pytest.raises(CodesError, match="ids recorded as invalid in invalid_ids.json: \\['z'\\]"):
+        CodesWriter(tmp_path, META).write(["z"], random_codes(1))
+    with pytest.raises(CodesError, match="ids to record as invalid already have codes: \\['a'\\]"):
+        writer.write_invalid(["a"])
+    (tmp_path / codes_lib.INVALID_FILE).write_text('["a"]')
+    with pytest.raises(CodesError, match="invalid_ids.json: ids listed as invalid also have codes"):
+        CodesDir.open(tmp_path)
+    (tmp_path / codes_lib.INVALID_FILE).write_text('{"a": 1}')
+    with pytest.raises(CodesError, match="invalid_ids.json: expected a JSON list of id strings"):
+        CodesDir.open(tmp_path)
 
 
 class Payload:

@@ -2,10 +2,13 @@
 
     CODES_DIR/meta.json           format, VQ-GAN fingerprint, grid, codebook size, preprocessing recipe
     CODES_DIR/shard-00000.npz     arrays `ids` (unicode, (n,)) and `codes` (int16, (n, h, w)), raster order
+    CODES_DIR/invalid_ids.json    optional: sorted list of ids whose codes the source held but were invalid
 
 Shards are written to a temporary name and renamed, so a crash leaves only whole shards; a writer reopened
 on the directory continues after the last one. Every shard is validated when read (errors name the shard).
-The original's pickle `dict[dicom_id -> list[int]]` converts to and from this format.
+The original's pickle `dict[dicom_id -> list[int]]` converts to and from this format. Its invalid entries
+(wrong length, code out of range) carry no usable codes, but their ids matter downstream (LLM-CXR removes them
+before alternating tasks, unlike ids with no entry), so an import records them in invalid_ids.json.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
 
 META_FILE = "meta.json"
+INVALID_FILE = "invalid_ids.json"
 FORMAT = "vqgan_flax.codes/1"
 _SHARD_PREFIX, _SHARD_SUFFIX, _TMP_SUFFIX = "shard-", ".npz", ".tmp"
 
@@ -100,6 +104,30 @@ def _read_shard(path: Path, meta: CodesMeta) -> tuple[np.ndarray, np.ndarray]:
     return ids, codes
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` via a temporary file and a rename, so readers never see half of it."""
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_invalid(path: Path, ids: Iterable[str]) -> frozenset[str]:
+    """The ids in INVALID_FILE (none if absent: encoded directories have no invalid entries); none may have codes."""
+    invalid_path = path / INVALID_FILE
+    if not invalid_path.exists():
+        return frozenset()
+    try:
+        data = json.loads(invalid_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CodesError(f"{invalid_path}: cannot read the invalid ids: {err}") from err
+    if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
+        raise CodesError(f"{invalid_path}: expected a JSON list of id strings")
+    both = set(data).intersection(ids)
+    if both:
+        raise CodesError(f"{invalid_path}: ids listed as invalid also have codes: {sorted(both)[:10]}")
+    return frozenset(data)
+
+
 def _read_meta(path: Path) -> CodesMeta:
     meta_path = path / META_FILE
     try:
@@ -110,10 +138,14 @@ def _read_meta(path: Path) -> CodesMeta:
 
 
 class CodesDir(Mapping[str, np.ndarray]):
-    """A read-only, validated codes directory as a mapping id -> int16 (h, w), in shard order."""
+    """A read-only, validated codes directory as a mapping id -> int16 (h, w), in shard order.
 
-    def __init__(self, path: Path, meta: CodesMeta, ids: list[str], codes: np.ndarray):
-        self.path, self.meta, self.ids, self.codes = path, meta, ids, codes
+    `invalid_ids` are the ids whose source entry was invalid (not in the mapping; see INVALID_FILE).
+    """
+
+    def __init__(self, path: Path, meta: CodesMeta, ids: list[str], codes: np.ndarray,
+                 invalid_ids: frozenset[str] = frozenset()):
+        self.path, self.meta, self.ids, self.codes, self.invalid_ids = path, meta, ids, codes, invalid_ids
         self._row = {image_id: i for i, image_id in enumerate(ids)}
 
     @classmethod
@@ -131,7 +163,7 @@ class CodesDir(Mapping[str, np.ndarray]):
                 seen[image_id] = shard
             ids.extend(shard_ids.tolist())
             blocks.append(shard_codes)
-        return cls(path, meta, ids, np.concatenate(blocks))
+        return cls(path, meta, ids, np.concatenate(blocks), _read_invalid(path, seen))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -167,15 +199,25 @@ class CodesWriter:
                                  + "; ".join(diffs) + "); write to another directory")
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / META_FILE).write_text(json.dumps(meta.to_json(), indent=1) + "\n")
-        for leftover in self.path.glob(f"*{_SHARD_SUFFIX}{_TMP_SUFFIX}"):
-            leftover.unlink()  # half-written shard of an interrupted run
-        self._done = set(CodesDir.open(self.path).done_ids())
+            _write_atomic(self.path / META_FILE, json.dumps(meta.to_json(), indent=1) + "\n")
+        for leftover in self.path.glob(f"*{_TMP_SUFFIX}"):
+            leftover.unlink()  # half-written file of an interrupted run
+        existing_dir = CodesDir.open(self.path)
+        self._done, self._invalid = set(existing_dir.done_ids()), existing_dir.invalid_ids
         shards = _shard_paths(self.path)
         self._next = _shard_index(shards[-1]) + 1 if shards else 0
 
     def done_ids(self) -> frozenset[str]:
         return frozenset(self._done)
+
+    def write_invalid(self, ids: Iterable[str]) -> None:
+        """Record (replacing any earlier list) the ids whose source codes were invalid; none may have codes."""
+        invalid = sorted(set(ids))
+        both = self._done.intersection(invalid)
+        if both:
+            raise CodesError(f"{self.path}: ids to record as invalid already have codes: {sorted(both)[:10]}")
+        _write_atomic(self.path / INVALID_FILE, json.dumps(invalid) + "\n")
+        self._invalid = frozenset(invalid)
 
     def write(self, ids: Iterable[str], codes: np.ndarray) -> Path:
         """Write one shard atomically; ids must be new to the directory."""
@@ -190,6 +232,9 @@ class CodesWriter:
         again = self._done.intersection(id_array.tolist())
         if again:
             raise CodesError(f"{self.path}: ids already written: {sorted(again)[:10]}")
+        invalid = self._invalid.intersection(id_array.tolist())
+        if invalid:
+            raise CodesError(f"{self.path}: ids recorded as invalid in {INVALID_FILE}: {sorted(invalid)[:10]}")
         tmp = target.with_name(target.name + _TMP_SUFFIX)
         with tmp.open("wb") as f:
             np.savez(f, ids=id_array, codes=code_array)
@@ -201,10 +246,11 @@ class CodesWriter:
         return target
 
 
-def read_pickle(path: str | Path, grid: tuple[int, int], num_codes: int) -> tuple[dict[str, np.ndarray], int]:
-    """The original's `dict[dicom_id -> list[int]]` as id -> int16 (h, w), and how many entries were dropped.
+def read_pickle(path: str | Path, grid: tuple[int, int],
+                num_codes: int) -> tuple[dict[str, np.ndarray], frozenset[str]]:
+    """The original's `dict[dicom_id -> list[int]]` as id -> int16 (h, w), and the ids of the invalid entries.
 
-    Like LLM-CXR's loader, entries with len != h·w or max >= num_codes are dropped; so are (not in the
+    Like LLM-CXR's loader, entries with len != h·w or max >= num_codes are invalid; so are (not in the
     original) entries with negative codes, which no codebook can hold. The pickle may contain only dicts,
     lists, str and int: anything else is refused without being constructed.
     """
@@ -218,31 +264,39 @@ def read_pickle(path: str | Path, grid: tuple[int, int], num_codes: int) -> tupl
         raise CodesError(str(err)) from err
     if not isinstance(obj, dict):
         raise CodesError(f"{path}: expected a dict of id -> list of codes, got {type(obj).__name__}")
-    out, dropped = {}, 0
+    out, invalid = {}, set()
     for key, value in obj.items():
         # exact types (bool is not a code); set(map(type, ...)) runs in C over ~10^8 values
         if type(key) is not str or type(value) is not list or set(map(type, value)) - {int}:
             raise CodesError(f"{path}: entry {key!r} is not str -> list of int")
         if len(value) != grid[0] * grid[1] or max(value) >= num_codes or min(value) < 0:
-            dropped += 1
+            invalid.add(key)
             continue
         out[key] = np.asarray(value, dtype=np.int16).reshape(grid)
-    return out, dropped
+    return out, frozenset(invalid)
 
 
 def import_pickle(pickle_path: str | Path, out: str | Path, meta: CodesMeta,
                   shard_size: int = 65536) -> tuple[int, int]:
-    """Write the original's pickle as a codes directory; returns (entries kept, entries dropped)."""
-    codes, dropped = read_pickle(pickle_path, meta.grid, meta.num_codes)
+    """Write the original's pickle as a codes directory, invalid ids included; returns (kept, invalid) counts."""
+    codes, invalid = read_pickle(pickle_path, meta.grid, meta.num_codes)
     writer = CodesWriter(out, meta)
+    writer.write_invalid(invalid)
     todo = sorted(set(codes) - writer.done_ids())
     for start in range(0, len(todo), shard_size):
         chunk = todo[start:start + shard_size]
         writer.write(chunk, np.stack([codes[i] for i in chunk]))
-    return len(codes), dropped
+    return len(codes), len(invalid)
 
 
 def export_pickle(codes: CodesDir, path: str | Path) -> None:
-    """Write the original's format: dict[id -> list[int]] of h·w codes in raster order."""
+    """Write the original's format: dict[id -> list[int]] of h·w codes in raster order.
+
+    Invalid ids are written as h·w copies of `num_codes`, out of range by any order of the original's checks,
+    so reading the pickle back finds them invalid again.
+    """
+    out = {image_id: grid.reshape(-1).tolist() for image_id, grid in codes.items()}
+    size = codes.meta.grid[0] * codes.meta.grid[1]
+    out.update((image_id, [codes.meta.num_codes] * size) for image_id in sorted(codes.invalid_ids))
     with Path(path).open("wb") as f:
-        pickle.dump({image_id: grid.reshape(-1).tolist() for image_id, grid in codes.items()}, f, protocol=4)
+        pickle.dump(out, f, protocol=4)

@@ -27,8 +27,8 @@ def read_codes(path: Path, model: VQGAN, fingerprint: str) -> dict[str, np.ndarr
     """id -> (h, w) codes from a codes directory or a pickle, checked against the model."""
     config = model.config
     if not path.is_dir():
-        codes, dropped = read_pickle(path, config.grid, config.num_codes)
-        print(f"{path}: {len(codes)} entries, {dropped} dropped (wrong length or code out of range)", file=sys.stderr)
+        codes, invalid = read_pickle(path, config.grid, config.num_codes)
+        print(f"{path}: {len(codes)} entries, {len(invalid)} dropped (wrong length or code out of range)", file=sys.stderr)
         return codes
     directory = CodesDir.open(path)
     meta = directory.meta

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llmcxr_jax.data.text_files import open_utf8
 from llmcxr_jax.data.tfds_local import LocalFilesBuilder
 
 JSONL = "databricks-dolly-15k.jsonl"
@@ -32,13 +33,13 @@ orig_dataset, 15,011 records, as the original used), or data/{JSONL} of reposito
 
 
 class DollyFileError(ValueError):
-    """A line of the jsonl is not a Dolly record (the message names file and line)."""
+    """The jsonl is not UTF-8 or a line of it is not a Dolly record (the message names file and line)."""
 
 
 def read_dolly_jsonl(path: Path) -> list[dict[str, str]]:
     """The records of the file, each checked: a JSON object with the four string fields."""
     records = []
-    with path.open(encoding="utf-8") as f:
+    with open_utf8(path, DollyFileError) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -3,7 +3,8 @@
 A codes directory is validated as a whole by `vqgan_flax.codes.CodesDir` (a bad shard is an error naming it) and
 carries the VQ-GAN fingerprint. The original's pickle `dict[dicom_id -> list[int]]` carries none, and its entries
 of the wrong length or with codes outside the codebook are kept aside as *invalid*: SPEC §6 removes those ids
-before alternating tasks, unlike ids with no codes at all, so the builder must know which they are.
+before alternating tasks, unlike ids with no codes at all, so the builder must know which they are. A directory
+imported from the pickle lists them in its invalid_ids.json; one written by the encoder has none.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcxr_jax.data.plain_pickle import load_plain_pickle
-from vqgan_flax.codes import CodesDir, CodesMeta
+from vqgan_flax.codes import CodesDir, CodesMeta, read_pickle
 
 CODES_DIR = "codes"
 CODES_PICKLE = "mimic-cxr-256-txvloss_codebook_indices.pickle"
@@ -42,22 +42,6 @@ def default_codes_path(manual_dir: Path) -> Path:
     return manual_dir / CODES_DIR if (manual_dir / CODES_DIR).is_dir() else manual_dir / CODES_PICKLE
 
 
-def _read_original_pickle(path: Path, grid: tuple[int, int], num_codes: int) -> Codes:
-    """The original's pickle, split into valid and invalid entries by its `_check_vq` rule (+ negative codes)."""
-    obj = load_plain_pickle(path, "a dict of dicom_id -> list of int codes")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: holds a list; expected a dict of dicom_id -> list of int codes")
-    valid, invalid = {}, set()
-    for key, value in obj.items():
-        if type(key) is not str or type(value) is not list or set(map(type, value)) - {int}:
-            raise ValueError(f"{path}: entry {key!r} is not str -> list of int")
-        if len(value) != grid[0] * grid[1] or min(value) < 0 or max(value) >= num_codes:
-            invalid.add(key)
-        else:
-            valid[key] = np.asarray(value, np.int16).reshape(grid)
-    return Codes(valid, frozenset(invalid), CodesMeta("", grid, num_codes, {}), path)
-
-
 def load_codes(path: Path, grid: tuple[int, int], num_codes: int) -> Codes:
     """Codes from a codes directory (grid and codebook size must match) or the original's pickle."""
     if path.is_dir():
@@ -66,9 +50,10 @@ def load_codes(path: Path, grid: tuple[int, int], num_codes: int) -> Codes:
             raise VqganMismatchError(
                 f"{path}: codes have grid {tuple(store.meta.grid)} and {store.meta.num_codes} codes, the builder "
                 f"config expects grid {tuple(grid)} and {num_codes}; set `grid`/`num_codes` in the config")
-        return Codes(store, frozenset(), store.meta, path)
+        return Codes(store, store.invalid_ids, store.meta, path)
     if path.is_file():
-        return _read_original_pickle(path, grid, num_codes)
+        valid, invalid = read_pickle(path, grid, num_codes)
+        return Codes(valid, invalid, CodesMeta("", grid, num_codes, {}), path)
     raise FileNotFoundError(f"{path}: no codes here; expected {WHERE}")
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from llmcxr_jax.data.plain_pickle import load_plain_pickle
+from llmcxr_jax.data.text_files import open_utf8
 
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
@@ -87,8 +88,8 @@ def require_files(manual_dir: Path, needed: Mapping[str, str]) -> None:
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
-    """(line number, row) of a CSV whose header must hold `columns`; ragged rows are errors naming the line."""
-    with path.open(newline="", encoding="utf-8") as f:
+    """(line number, row) of a UTF-8 CSV whose header must hold `columns`; ragged rows are errors naming the line."""
+    with open_utf8(path, MimicFileError, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

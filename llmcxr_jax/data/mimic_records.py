@@ -3,8 +3,8 @@
 The original's loop, made explicit: `ids = sorted(split ids − ids with invalid codes)`; id number i gets
 CXR→report if i is even, report→CXR if odd, and i advances over every id, also those then skipped. An id is
 skipped, in this order, when it is outside the stage-2 selection, has no codes, has no report file, or its
-report yields no text for the stage (`parse_report`; an undecodable file counts as a parse failure too). The
-original skipped silently; here every skip is counted by reason.
+report is not UTF-8 (logged with the file and byte offset) or yields no text for the stage (`parse_report`).
+The original skipped silently; here every skip is counted by reason.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from pathlib import Path
 from llmcxr_jax.data.mimic_codes import Codes
 from llmcxr_jax.data.mimic_files import ImageMeta, ImageRow, report_path
 from llmcxr_jax.data.reports import ReportParseError, parse_report
+from llmcxr_jax.data.text_files import NotUtf8Error, open_utf8
 
 DIRECTIONS = ("cxr2report", "report2cxr")  # by i % 2
-SKIP_REASONS = ("invalid_codes", "outside_selection", "no_codes", "no_report", "parse_failure")
+REPORT_SKIPS = ("no_report", "undecodable_report", "parse_failure")  # ReportCache's reasons
+SKIP_REASONS = ("invalid_codes", "outside_selection", "no_codes", *REPORT_SKIPS)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,12 @@ class ReportCache:
 
     def _load(self, path: Path) -> tuple[str | None, str | None]:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = open_utf8(path).read()
         except FileNotFoundError:
             return None, "no_report"
-        except UnicodeDecodeError:
-            return None, "parse_failure"
+        except NotUtf8Error as err:
+            log.warning("report skipped: %s", err)
+            return None, "undecodable_report"
         try:
             return parse_report(text, self._stage), None
         except ReportParseError:

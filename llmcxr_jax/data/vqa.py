@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from llmcxr_jax.data.mimic_files import ImageRow
+from llmcxr_jax.data.text_files import open_utf8
 
 _SUBJECT_DIR = re.compile(r"p(\d+)")
 _STUDY_FILE = re.compile(r"s(\d+)\.txt")
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class VqaFileError(ValueError):
-    """A VQA file is misplaced or not one line holding a Python-literal list of dicts."""
+    """A VQA file is misplaced, not UTF-8, or not one line holding a Python-literal list of dicts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _is_qa(item: object) -> bool:
 def read_vqa_file(path: Path) -> tuple[list[QaPair], int]:
     """The well-formed pairs of one study file and how many items were not (dropped, as the original did)."""
     subject_id, study_id = _ids_from_path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = open_utf8(path, VqaFileError).read().splitlines()
     if len(lines) != 1:
         raise VqaFileError(f"{path}: expected exactly one line, found {len(lines)}")
     try:
