@@ -1,5 +1,6 @@
 """Multi-process training on one machine, and dry-run compilation for this mesh and for absent TPU pods."""
 
+import json
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import vqgan_flax
 
 from train_helpers import ROOT, load_config, mesh_of, params_of, run_steps
 
@@ -34,6 +36,20 @@ def test_two_local_processes_train_like_one(tmp_path):
     # Adam turns reduction-order noise in near-zero gradients into up to a few % of one lr step.
     for key, value in one.items():
         np.testing.assert_allclose(multi[key], value, atol=3e-6, rtol=1e-5, err_msg=key)
+
+
+def test_two_local_processes_train_and_export_a_vqgan(tmp_path):
+    """Every process opens the checkpoint for the export (Orbax waits for all of them); process 0 writes it."""
+    workdir = tmp_path / "vq"
+    launch = subprocess.run([sys.executable, str(ROOT / "launch/local.py"), "--num_processes", "2",
+                             "--devices_per_process", "1", "--module", "llmcxr_jax.train_vqgan", "--", "--config",
+                             str(ROOT / "configs/vqgan.py:tiny"), "--workdir", str(workdir)],
+                            cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    assert launch.stdout.count("exported the VQ-GAN of step 6") == 1, launch.stdout[-3000:]
+    model = vqgan_flax.load(workdir / "export")
+    assert model.config.resolution == 32
+    assert json.loads((workdir / "export" / "meta.json").read_text())["step"] == 6
 
 
 def _dry_run(extra, devices=8, timeout=600):
