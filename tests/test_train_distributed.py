@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import vqgan_flax
 
-from train_helpers import ROOT, load_config, mesh_of, params_of, run_steps
+from llmcxr_jax import checkpoint
+from train_helpers import ROOT, saved_params
 
 TINY = str(ROOT / "configs/stage1.py:tiny")
 
@@ -29,10 +31,7 @@ def test_two_local_processes_train_like_one(tmp_path):
     single = subprocess.run([sys.executable, "-m", "llmcxr_jax.train", *common, "--workdir", str(tmp_path / "one")],
                             cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    config = load_config("stage1")
-    config.optim.lr = 1e-4
-    mesh = mesh_of((1, 8, 1))
-    multi, one = (params_of(run_steps(config, mesh, tmp_path / w, 2)[1]) for w in ("multi", "one"))
+    multi, one = (saved_params(tmp_path / w) for w in ("multi", "one"))
     # Adam turns reduction-order noise in near-zero gradients into up to a few % of one lr step.
     for key, value in one.items():
         np.testing.assert_allclose(multi[key], value, atol=3e-6, rtol=1e-5, err_msg=key)
@@ -79,15 +78,63 @@ def test_full_model_compiles_ahead_of_time_for_tpu_pods(topology):
     assert f"compiled for {chips} tpu devices" in out
 
 
-def test_missing_peers_are_explained(tmp_path):
-    code = ("import types; from llmcxr_jax import parallel; parallel.initialize(types.SimpleNamespace("
-            "coordinator_address='127.0.0.1:%d', num_processes=2, process_id=0, local_device_ids='', timeout_s=2))")
-    import socket
+def _join(address: str, processes: int, pid: int, timeout_s: int) -> str:
+    """Python source that joins process `pid` to a cluster of `processes` through llmcxr_jax.parallel."""
+    return (f"import types; from llmcxr_jax import parallel; parallel.initialize(types.SimpleNamespace("
+            f"coordinator_address={address!r}, num_processes={processes}, process_id={pid}, local_device_ids='', "
+            f"timeout_s={timeout_s}))\n")
 
+
+def _local_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-c", code % port], cwd=ROOT, env=_env(1), capture_output=True, text=True,
-                         timeout=120)
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _in_processes(code: str, processes: int, *args: str) -> list[str]:
+    """Run `code` (with `sys.argv[1:] == args`) in processes that form one cluster; their stdouts, by process."""
+    address = _local_address()
+    procs = [subprocess.Popen([sys.executable, "-c", _join(address, processes, pid, 60) + code, *args], cwd=ROOT,
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in range(processes)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    return [out for out, _ in outs]
+
+
+_SAVE_AND_RESTORE_DATA_STATE = """
+import json, sys
+import jax, numpy as np
+from llmcxr_jax import checkpoint
+pid = jax.process_index()
+ckpts = checkpoint.TrainCheckpoints(sys.argv[1], every=1, keep=2, async_save=True)
+ckpts.save(1, {"x": np.arange(3.0)}, {"examples": {"next_index": 10 + pid}, "dropped": 3 * pid}, {"task": "t"})
+ckpts.close()
+ckpts = checkpoint.TrainCheckpoints(sys.argv[1], every=1, keep=2)
+_, data, meta = ckpts.restore(ckpts.latest_step(), {"x": np.zeros(3)})
+ckpts.close()
+print(json.dumps(data))
+"""
+
+
+def test_each_process_restores_its_own_data_iterator_state(tmp_path):
+    outs = _in_processes(_SAVE_AND_RESTORE_DATA_STATE, 2, str(tmp_path))
+    restored = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert restored == [{"examples": {"next_index": 10}, "dropped": 0}, {"examples": {"next_index": 11}, "dropped": 3}]
+    data = tmp_path / "checkpoints" / "1" / "data"
+    assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, every=1, keep=2)
+    try:  # this test is one process: there is no state of "process 0 of 1"
+        with pytest.raises(FileNotFoundError, match=r"process_0-of-1.json: missing; this checkpoint holds the data "
+                                                    r"states \['process_0-of-2.json', 'process_1-of-2.json'\]"):
+            ckpts.restore(1, {"x": np.zeros(3)})
+    finally:
+        ckpts.close()
+
+
+def test_missing_peers_are_explained(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _join(_local_address(), 2, 0, 2)], cwd=ROOT, env=_env(1),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "not every process arrived" in out.stderr and "same coordinator address" in out.stderr

@@ -175,7 +175,10 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     straight, resumed = _final(tmp_path / "straight", steps, mesh), _final(tmp_path / "killed", steps, mesh)
     for key, value in params_of(straight).items():
         np.testing.assert_array_equal(params_of(resumed)[key], value)
-    data_state = lambda w: json.loads((w / "checkpoints" / str(steps) / "data" / "metadata").read_text())  # noqa
+
+    def data_state(workdir):
+        return json.loads((workdir / "checkpoints" / str(steps) / "data" / "process_0-of-1.json").read_text())
+
     assert data_state(tmp_path / "killed") == data_state(tmp_path / "straight") == {"index": steps}
 
 
