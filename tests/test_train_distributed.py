@@ -3,9 +3,12 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +38,39 @@ def test_two_local_processes_train_like_one(tmp_path):
     # Adam turns reduction-order noise in near-zero gradients into up to a few % of one lr step.
     for key, value in one.items():
         np.testing.assert_allclose(multi[key], value, atol=3e-6, rtol=1e-5, err_msg=key)
+
+
+def _child(launcher: subprocess.Popen, process_id: int) -> int:
+    """The pid of the training process that launch/local.py started with this process id."""
+    for pid in (Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()):
+        if f"--config.distributed.process_id={process_id}" in Path(f"/proc/{pid}/cmdline").read_text():
+            return int(pid)
+    raise AssertionError(f"launch/local.py has no process {process_id}")
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    workdir = tmp_path / "w"
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "launch/local.py"), "--num_processes", "2",
+                                 "--devices_per_process", "2", "--", "--config", TINY, "--workdir", str(workdir),
+                                 "--config.train.num_steps=100000", "--config.train.checkpoint_every=0"],
+                                cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        while launcher.poll() is None and not (workdir / "tensorboard").exists():
+            time.sleep(0.05)
+        time.sleep(2.0)  # a few steps in
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        os.kill(_child(launcher, 1), signal.SIGTERM)  # process 0 hears of it only through the vote
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved a checkpoint at step" in out, out[-3000:]
+    steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1, out[-3000:]
+    states = [json.loads((steps[0] / "data" / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states == [{"index": int(steps[0].name)}] * 2  # both processes stopped after the same batch
 
 
 def test_two_local_processes_train_and_export_a_vqgan(tmp_path):
