@@ -41,6 +41,15 @@ def model_metadata(config: GPTNeoXConfig, extra: dict[str, Any] | None = None) -
             "versions": package_versions(), **(extra or {})}
 
 
+def local_path(path: str | Path, what: str) -> Path:
+    """`path` as a Path, refusing URLs, which pathlib would silently make local (gs://b/run -> gs:/b/run)."""
+    if "://" in str(path):
+        raise ValueError(f"{what} {path}: URLs are not supported, since checkpoints, TensorBoard events and the "
+                         "tokenizer are written through local paths; mount the bucket on every host (e.g. with "
+                         "gcsfuse) and pass the mount path")
+    return Path(path)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -167,7 +176,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = local_path(workdir, "workdir").absolute() / "checkpoints"
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))

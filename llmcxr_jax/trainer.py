@@ -219,7 +219,7 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
           train_iter: DataIterator, eval_iter_fn: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
           ) -> Any:
     """Train until `loop.total_steps`, resuming from the latest checkpoint in `workdir`; returns the final state."""
-    workdir = Path(workdir)
+    workdir = checkpoint.local_path(workdir, "workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     graphdef, abstract, shardings = state_shardings(task, mesh, rules)
     batch_sh = batch_shardings(task, mesh, rules)

@@ -226,3 +226,10 @@ def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"latest checkpoint \(resuming\): vocabulary size 128 differs from this "
                                          r"run's 144"):
         run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # pathlib would have made gs://bucket/run the local directory gs:/bucket/run
+    with pytest.raises(ValueError, match=r"workdir gs://bucket/run: URLs are not supported.*mount the bucket"):
+        run_steps(load_config("stage1"), mesh_of((1, 1, 1)), "gs://bucket/run", 1)
+    assert not any(tmp_path.iterdir())
