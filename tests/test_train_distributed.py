@@ -169,6 +169,32 @@ def test_each_process_restores_its_own_data_iterator_state(tmp_path):
         ckpts.close()
 
 
+def _without_cluster(**extra: str) -> dict[str, str]:
+    """This machine's environment without any launcher's variables, plus `extra`."""
+    prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR")
+    return {**{k: v for k, v in _env(1).items() if not k.startswith(prefixes)}, **extra}
+
+
+_IS_INITIALIZED = "import jax; print('initialized:', jax.distributed.is_initialized(), jax.process_count())"
+
+
+def test_auto_defers_to_jax_cluster_detection():
+    """`auto` lets JAX find the cluster (here a one-task SLURM job, which `detect_cluster` alone leaves alone)."""
+    slurm = _without_cluster(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="1", SLURM_PROCID="0",
+                             SLURM_LOCALID="0", JAX_COORDINATOR_PORT=_local_address().split(":")[1])
+    outs = {}
+    for address in ("auto", ""):
+        out = subprocess.run([sys.executable, "-c", _join(address, 0, -1, 30) + _IS_INITIALIZED], cwd=ROOT, env=slurm,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs[address] = out.stdout.strip().splitlines()[-1]
+    assert outs == {"auto": "initialized: True 1", "": "initialized: False 1"}
+    alone = subprocess.run([sys.executable, "-c", _join("auto", 0, -1, 30)], cwd=ROOT, env=_without_cluster(),
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0
+    assert "coordinator_address=auto: JAX's cluster detection found no cluster to join" in alone.stderr, alone.stderr
+
+
 def test_missing_peers_are_explained(tmp_path):
     out = subprocess.run([sys.executable, "-c", _join(_local_address(), 2, 0, 2)], cwd=ROOT, env=_env(1),
                          capture_output=True, text=True, timeout=120)
