@@ -42,6 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         loss_chunk=256,  # positions per chunk of LM head + cross-entropy; 0 = whole sequence at once
         log_every=50, eval_every=1500, checkpoint_every=1000, keep_checkpoints=5, async_checkpoints=True,
         peak_flops_per_device=0.0, progress=True))
+    # coordinator_address: "" = one process or a SLURM/Open MPI launch; "auto" = JAX finds the cluster (Cloud TPU).
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, local_device_ids="", timeout_s=300))
 

@@ -41,6 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         checkpoint_every=2000, keep_checkpoints=5, async_checkpoints=True, progress=True, dead_code_steps=1000,
         restart_dead_codes=False))  # True: codes unused for dead_code_steps move onto batch latents (not taming)
     c.export_dir = ""  # "" = WORKDIR/export
+    # coordinator_address: "" = one process or a SLURM/Open MPI launch; "auto" = JAX finds the cluster (Cloud TPU).
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, local_device_ids="", timeout_s=300))
 

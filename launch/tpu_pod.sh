@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU pod slice: run the same command on every worker; jax.distributed finds its peers
-# through the TPU environment (llmcxr_jax.parallel.initialize), and each host reads its own slice of the data.
+# Train on a Cloud TPU pod slice: run the same command on every worker; with distributed.coordinator_address=auto,
+# jax.distributed finds its peers itself (on TPU VMs from the metadata server; llmcxr_jax.parallel.initialize),
+# and each host reads its own slice of the data.
 #
-#   TPU=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/runs/stage1 DATA_DIR=gs://bucket/tfds \
+#   TPU=my-v5p-64 ZONE=us-east5-a WORKDIR=/mnt/bucket/runs/stage1 DATA_DIR=/mnt/bucket/tfds \
 #     bash launch/tpu_pod.sh --config configs/stage1.py --config.init.hf_dir=/mnt/dolly-v2-3b
 #
+# WORKDIR and DATA_DIR are paths that every worker sees at the same place: a shared filesystem, or a bucket mounted
+# on every worker (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/bucket`). Checkpoints, TensorBoard events and the
+# tokenizer are written through local paths, so a gs:// workdir is refused.
 # The repository must already be on every worker (e.g. `gcloud ... ssh --worker=all --command "git clone ..."`)
 # with `pip install -e '.[data,tpu]'` done there. Extra arguments go to llmcxr_jax.train.
 set -euo pipefail
@@ -13,4 +17,5 @@ REPO_DIR=${REPO_DIR:-llmcxr-jax}
 ARGS=$(printf ' %q' "$@")
 DATA_FLAG=${DATA_DIR:+--config.data.data_dir=$DATA_DIR}
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $REPO_DIR && JAX_PLATFORMS=tpu python -m llmcxr_jax.train --workdir $WORKDIR $DATA_FLAG $ARGS"
+  "cd $REPO_DIR && JAX_PLATFORMS=tpu python -m llmcxr_jax.train --workdir $WORKDIR \
+   --config.distributed.coordinator_address=auto $DATA_FLAG $ARGS"

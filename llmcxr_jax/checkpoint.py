@@ -7,6 +7,7 @@ Restoring goes straight onto a mesh from an abstract target, so nothing is mater
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from llmcxr_jax import parallel
@@ -37,6 +39,15 @@ def package_versions() -> dict[str, str]:
 def model_metadata(config: GPTNeoXConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "model_config": config.__dict__.copy(),
             "versions": package_versions(), **(extra or {})}
+
+
+def local_path(path: str | Path, what: str) -> Path:
+    """`path` as a Path, refusing URLs, which pathlib would silently make local (gs://b/run -> gs:/b/run)."""
+    if "://" in str(path):
+        raise ValueError(f"{what} {path}: URLs are not supported, since checkpoints, TensorBoard events and the "
+                         "tokenizer are written through local paths; mount the bucket on every host (e.g. with "
+                         "gcsfuse) and pass the mount path")
+    return Path(path)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -120,15 +131,52 @@ def _load_from_workdir(workdir: Path, *, mesh, rules, step: int | None = None, *
     return nnx.merge(graphdef, state)
 
 
-class TrainCheckpoints:
-    """Training checkpoints under `workdir/checkpoints/<step>/` with items `state`, `data` (iterator) and `meta`.
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-    Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames), so a run killed at
-    any moment resumes from the last complete step.
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+    """One JSON file per process, `process_<i>-of-<n>.json`, each restored by the process that wrote it.
+
+    Every host's data iterator has a state of its own (it drops over-long examples of its own slice), and
+    Orbax's JsonSave keeps only the primary host's. The files go into the step's temporary directory like any
+    item, so they are committed (or lost) with the step.
+    """
+
+    def save(self, directory: epath.Path, args: ProcessJsonSave) -> None:
+        (directory / _process_file()).write_text(json.dumps(args.state, sort_keys=True))
+
+    def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None) -> dict[str, Any]:
+        path = directory / _process_file()
+        if not path.exists():
+            found = sorted(p.name for p in directory.glob("process_*.json"))
+            raise FileNotFoundError(f"{path}: missing; this checkpoint holds the data states {found}. Resume with "
+                                    "as many processes as wrote it")
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    state: dict[str, Any]
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    """Restores the calling process's state."""
+
+
+class TrainCheckpoints:
+    """Training checkpoints under `workdir/checkpoints/<step>/` with items `state`, `data` and `meta`.
+
+    `data` holds each process's data-iterator state (`ProcessJsonHandler`). Saves are asynchronous and atomic
+    (Orbax writes to a temporary directory and renames), so a run killed at any moment resumes from the last
+    complete step.
     """
 
     def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = local_path(workdir, "workdir").absolute() / "checkpoints"
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
@@ -140,13 +188,13 @@ class TrainCheckpoints:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         if not self._manager.save(step, args=args, force=True):
             raise RuntimeError(f"{self.directory}: Orbax declined to write the checkpoint of step {step}")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ProcessJsonRestore(),
                                   meta=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         return restored.state, restored.data, restored.meta

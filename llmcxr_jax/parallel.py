@@ -141,11 +141,16 @@ def total_bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-_CLUSTER_ENV = {"TPU": "TPU_WORKER_HOSTNAMES", "SLURM": "SLURM_JOB_ID", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
+AUTO = "auto"  # distributed.coordinator_address: let jax.distributed find the cluster itself
 
 
 def detect_cluster() -> str | None:
-    """Which launcher started this process (as jax's own cluster detection would see it), if any."""
+    """Which multi-process launcher started this process, as its environment shows, if any.
+
+    SLURM and Open MPI count with more than one task, a TPU host when TPU_WORKER_HOSTNAMES lists several workers
+    (GKE). Cloud TPU VMs learn their peers from the metadata server, which only JAX's own detection reads: set
+    `distributed.coordinator_address=auto` there (launch/tpu_pod.sh does).
+    """
     import os
 
     if os.environ.get("SLURM_NTASKS", "1") != "1" and "SLURM_JOB_ID" in os.environ:
@@ -158,24 +163,30 @@ def detect_cluster() -> str | None:
 
 
 def initialize(cfg: Any) -> None:
-    """Multi-host start-up: explicit settings, else the launcher's environment (TPU, SLURM, Open MPI), else nothing.
+    """Multi-host start-up: explicit settings; `auto`, JAX's own cluster detection; else the environment of a launcher
+    that `detect_cluster` sees (SLURM, Open MPI, TPU on GKE); else nothing (one process).
 
-    `cfg` has coordinator_address, num_processes, process_id, local_device_ids ("0,1,…" or ""), timeout_s.
-    On CPU, cross-process collectives go through gloo (the local multi-process launcher uses this).
+    `cfg` has coordinator_address (an address, `auto` or ""), num_processes, process_id, local_device_ids ("0,1,…"
+    or ""), timeout_s. On CPU, cross-process collectives go through gloo (the local multi-process launcher uses this).
     """
-    explicit = bool(cfg.coordinator_address)
-    cluster = None if explicit else detect_cluster()
-    if not explicit and cluster is None:
+    address = str(cfg.coordinator_address)
+    explicit = address not in ("", AUTO)
+    if address == AUTO:
+        where = "JAX's own cluster detection"
+    elif explicit:
+        where = address
+    elif (cluster := detect_cluster()) is not None:
+        where = f"the {cluster} environment"
+    else:
         return
     if jax.config.jax_platforms in ("cpu",) or str(jax.config.jax_platforms).startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.timeout_s)}
     if explicit:
-        kwargs.update(coordinator_address=cfg.coordinator_address, num_processes=int(cfg.num_processes),
+        kwargs.update(coordinator_address=address, num_processes=int(cfg.num_processes),
                       process_id=int(cfg.process_id))
     if cfg.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(cfg.local_device_ids).split(",")]
-    where = cfg.coordinator_address if explicit else f"the {cluster} environment"
     hint = (f"multi-host start-up ({where}, timeout {cfg.timeout_s}s) failed: not every process arrived. Check that "
             "every process was started with the same coordinator address and process count, that process ids are "
             "unique, and that the coordinator port is reachable.")
@@ -185,6 +196,10 @@ def initialize(cfg: Any) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # errors that JAX raises instead of aborting
+        if address == AUTO and isinstance(e, ValueError):  # no cluster found, so no coordinator address
+            raise ValueError(f"distributed.coordinator_address=auto: JAX's cluster detection found no cluster to "
+                             f"join ({e}); leave it empty for one process, or set coordinator_address, "
+                             "num_processes and process_id") from None
         raise RuntimeError(f"{hint} ({e})") from e
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmcxr_jax import lm_task, parallel, trainer
+from llmcxr_jax import checkpoint, lm_task, parallel, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage1.py or configs/stage1.py:tiny",
@@ -234,7 +234,7 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
         return dry_run(task, lm_batch_shapes(config), what, mesh, rules)
     if config.data.source != "synthetic" and jax.process_index() == 0:
-        load_tokenizer(config).save(workdir)  # the sampler reads the workdir's tokenizer.json
+        load_tokenizer(config).save(checkpoint.local_path(workdir, "--workdir"))  # the sampler reads it from there
     loop = trainer.LoopConfig(
         total_steps=steps, log_every=config.train.log_every, eval_every=config.train.eval_every,
         checkpoint_every=config.train.checkpoint_every, keep_checkpoints=config.train.keep_checkpoints,

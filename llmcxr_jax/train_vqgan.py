@@ -53,7 +53,8 @@ def image_sources(config: Any) -> tuple[Any, Any]:
 
 
 def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None, dry: bool = False) -> str | None:
-    """Train, then export; returns the export's fingerprint (None when stopped early, e.g. by SIGTERM).
+    """Train, then export; returns the export's fingerprint (None when stopped early, e.g. by SIGTERM, and on every
+    process but 0, which alone writes the export).
 
     `mesh` defaults to `config.mesh.shape` over all devices. `dry`: compile one step and report memory only.
     """
@@ -87,11 +88,12 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
                               progress=t.progress)
     state = trainer.train(task, loop, mesh=mesh, rules=parallel.DEFAULT_RULES, workdir=workdir,
                           train_iter=train_iter, eval_iter_fn=eval_iter_fn)
-    if int(state["gen_optimizer"]["step"].get_value()) != t.num_steps or jax.process_index() != 0:
+    if int(state["gen_optimizer"]["step"].get_value()) != t.num_steps:
         return None
     out = config.export_dir or str(Path(workdir) / "export")
-    fingerprint = vqgan_task.export_workdir(workdir, out)
-    print(f"exported the VQ-GAN of step {t.num_steps} to {out} (fingerprint {fingerprint})", flush=True)
+    fingerprint = vqgan_task.export_workdir(workdir, out)  # on every process; process 0 writes
+    if fingerprint is not None:
+        print(f"exported the VQ-GAN of step {t.num_steps} to {out} (fingerprint {fingerprint})", flush=True)
     return fingerprint
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax import checkpoint, parallel
 
@@ -75,11 +76,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (then a final checkpoint and a clean exit)."""
+    """Turns SIGTERM into a stop the loop checks between steps (then a final checkpoint and a clean exit).
 
-    def __init__(self) -> None:
+    Every step and the final save are collective, so all processes must stop at the same step, yet each sees only
+    its own signal. With several processes `stop_now` therefore ORs the flags on the devices and returns the vote
+    cast one step earlier: by then the loop has waited for that step's metrics anyway, so voting adds no
+    host-device sync. A single process reads its flag directly.
+    """
+
+    def __init__(self, mesh: Mesh) -> None:
         self.requested = False
         self._previous = None
+        self._vote = _any_process(mesh) if jax.process_count() > 1 else None
+        self._ballot: jax.Array | None = None
+
+    def stop_now(self) -> bool:
+        """Whether to stop after the step just dispatched; the same answer on every process."""
+        if self._vote is None:
+            return self.requested
+        ballot, self._ballot = self._ballot, self._vote(self.requested)
+        return ballot is not None and bool(ballot)
 
     def __enter__(self) -> _Preemption:
         try:
@@ -94,6 +110,18 @@ class _Preemption:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_process(mesh: Mesh) -> Callable[[bool], jax.Array]:
+    """flag -> a replicated bool, True when any process passed True; dispatched, not waited for."""
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    reduce = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def vote(flag: bool) -> jax.Array:
+        shards = [jax.device_put(np.full((1,), flag), d) for d in sharding.addressable_devices]
+        return reduce(jax.make_array_from_single_device_arrays((mesh.size,), sharding, shards))
+
+    return vote
 
 
 class _Logger:
@@ -191,7 +219,7 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
           train_iter: DataIterator, eval_iter_fn: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
           ) -> Any:
     """Train until `loop.total_steps`, resuming from the latest checkpoint in `workdir`; returns the final state."""
-    workdir = Path(workdir)
+    workdir = checkpoint.local_path(workdir, "workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     graphdef, abstract, shardings = state_shardings(task, mesh, rules)
     batch_sh = batch_shardings(task, mesh, rules)
@@ -218,18 +246,19 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
         logger = _Logger(workdir, loop.total_steps, start, loop.progress)
         try:
             return _run(task, loop, state, start, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts,
-                        logger, image_fn)
+                        logger, image_fn, mesh)
         finally:
             ckpts.close()
             logger.close()
 
 
-def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger, image_fn):
+def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger, image_fn,
+         mesh):
     """The loop body. Metrics of step t are read after step t+1 is dispatched, so the host never idles the device."""
     window: dict[str, float] | None = None
     window_start, window_steps = time.perf_counter(), 0
     pending = None
-    with _Preemption() as preemption:
+    with _Preemption(mesh) as preemption:
         while step < loop.total_steps:
             batch_state = train_iter.get_state()  # names the batch in error messages
             state, metrics = step_fn(state, to_global(next(train_iter), batch_sh))
@@ -241,7 +270,7 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
             logger.advance()
             last = step == loop.total_steps
             log_now = bool(loop.log_every) and (step % loop.log_every == 0 or last)
-            stop = preemption.requested  # read once: a signal arriving later in this step is handled at the next
+            stop = preemption.stop_now()  # once: a signal arriving later in this step is handled at the next
             save_now = ckpts.should_save(step) or last or stop
             if log_now or save_now:
                 window = _add(window, _check_finite(*pending))

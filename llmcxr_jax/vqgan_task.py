@@ -297,8 +297,12 @@ def _restore_target(module: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     return graphdef, state, target
 
 
-def export_workdir(workdir: str | Path, directory: str | Path, step: int | None = None) -> str:
-    """Export training checkpoint `step` (default: the latest) of `workdir` with `export`; returns the fingerprint."""
+def export_workdir(workdir: str | Path, directory: str | Path, step: int | None = None) -> str | None:
+    """Export training checkpoint `step` (default: the latest) of `workdir` with `export`.
+
+    In a multi-process run every process must call it: opening and reading the checkpoint waits at Orbax barriers
+    for all processes. Process 0 alone writes the export and returns its fingerprint; the others return None.
+    """
     from llmcxr_jax.checkpoint import TrainCheckpoints
 
     ckpts = TrainCheckpoints(workdir, every=0, keep=1, async_save=False)
@@ -320,6 +324,8 @@ def export_workdir(workdir: str | Path, directory: str | Path, step: int | None 
         restored = ckpts.restore_subtree(step, {name: t[2] for name, t in targets.items()})
     finally:
         ckpts.close()
+    if jax.process_index() != 0:
+        return None
     modules = {}
     for name, (graphdef, state, _) in targets.items():
         nnx.replace_by_pure_dict(state, restored[name])

@@ -1,14 +1,21 @@
 """Multi-process training on one machine, and dry-run compilation for this mesh and for absent TPU pods."""
 
+import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import vqgan_flax
 
-from train_helpers import ROOT, load_config, mesh_of, params_of, run_steps
+from llmcxr_jax import checkpoint
+from train_helpers import ROOT, saved_params
 
 TINY = str(ROOT / "configs/stage1.py:tiny")
 
@@ -27,13 +34,57 @@ def test_two_local_processes_train_like_one(tmp_path):
     single = subprocess.run([sys.executable, "-m", "llmcxr_jax.train", *common, "--workdir", str(tmp_path / "one")],
                             cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    config = load_config("stage1")
-    config.optim.lr = 1e-4
-    mesh = mesh_of((1, 8, 1))
-    multi, one = (params_of(run_steps(config, mesh, tmp_path / w, 2)[1]) for w in ("multi", "one"))
+    multi, one = (saved_params(tmp_path / w) for w in ("multi", "one"))
     # Adam turns reduction-order noise in near-zero gradients into up to a few % of one lr step.
     for key, value in one.items():
         np.testing.assert_allclose(multi[key], value, atol=3e-6, rtol=1e-5, err_msg=key)
+
+
+def _child(launcher: subprocess.Popen, process_id: int) -> int:
+    """The pid of the training process that launch/local.py started with this process id."""
+    for pid in (Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()):
+        if f"--config.distributed.process_id={process_id}" in Path(f"/proc/{pid}/cmdline").read_text():
+            return int(pid)
+    raise AssertionError(f"launch/local.py has no process {process_id}")
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    workdir = tmp_path / "w"
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "launch/local.py"), "--num_processes", "2",
+                                 "--devices_per_process", "2", "--", "--config", TINY, "--workdir", str(workdir),
+                                 "--config.train.num_steps=100000", "--config.train.checkpoint_every=0"],
+                                cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        while launcher.poll() is None and not (workdir / "tensorboard").exists():
+            time.sleep(0.05)
+        time.sleep(2.0)  # a few steps in
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        os.kill(_child(launcher, 1), signal.SIGTERM)  # process 0 hears of it only through the vote
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved a checkpoint at step" in out, out[-3000:]
+    steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1, out[-3000:]
+    states = [json.loads((steps[0] / "data" / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states == [{"index": int(steps[0].name)}] * 2  # both processes stopped after the same batch
+
+
+def test_two_local_processes_train_and_export_a_vqgan(tmp_path):
+    """Every process opens the checkpoint for the export (Orbax waits for all of them); process 0 writes it."""
+    workdir = tmp_path / "vq"
+    launch = subprocess.run([sys.executable, str(ROOT / "launch/local.py"), "--num_processes", "2",
+                             "--devices_per_process", "1", "--module", "llmcxr_jax.train_vqgan", "--", "--config",
+                             str(ROOT / "configs/vqgan.py:tiny"), "--workdir", str(workdir)],
+                            cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    assert launch.stdout.count("exported the VQ-GAN of step 6") == 1, launch.stdout[-3000:]
+    model = vqgan_flax.load(workdir / "export")
+    assert model.config.resolution == 32
+    assert json.loads((workdir / "export" / "meta.json").read_text())["step"] == 6
 
 
 def _dry_run(extra, devices=8, timeout=600):
@@ -63,15 +114,89 @@ def test_full_model_compiles_ahead_of_time_for_tpu_pods(topology):
     assert f"compiled for {chips} tpu devices" in out
 
 
-def test_missing_peers_are_explained(tmp_path):
-    code = ("import types; from llmcxr_jax import parallel; parallel.initialize(types.SimpleNamespace("
-            "coordinator_address='127.0.0.1:%d', num_processes=2, process_id=0, local_device_ids='', timeout_s=2))")
-    import socket
+def _join(address: str, processes: int, pid: int, timeout_s: int) -> str:
+    """Python source that joins process `pid` to a cluster of `processes` through llmcxr_jax.parallel."""
+    return (f"import types; from llmcxr_jax import parallel; parallel.initialize(types.SimpleNamespace("
+            f"coordinator_address={address!r}, num_processes={processes}, process_id={pid}, local_device_ids='', "
+            f"timeout_s={timeout_s}))\n")
 
+
+def _local_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-c", code % port], cwd=ROOT, env=_env(1), capture_output=True, text=True,
-                         timeout=120)
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _in_processes(code: str, processes: int, *args: str) -> list[str]:
+    """Run `code` (with `sys.argv[1:] == args`) in processes that form one cluster; their stdouts, by process."""
+    address = _local_address()
+    procs = [subprocess.Popen([sys.executable, "-c", _join(address, processes, pid, 60) + code, *args], cwd=ROOT,
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in range(processes)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    return [out for out, _ in outs]
+
+
+_SAVE_AND_RESTORE_DATA_STATE = """
+import json, sys
+import jax, numpy as np
+from llmcxr_jax import checkpoint
+pid = jax.process_index()
+ckpts = checkpoint.TrainCheckpoints(sys.argv[1], every=1, keep=2, async_save=True)
+ckpts.save(1, {"x": np.arange(3.0)}, {"examples": {"next_index": 10 + pid}, "dropped": 3 * pid}, {"task": "t"})
+ckpts.close()
+ckpts = checkpoint.TrainCheckpoints(sys.argv[1], every=1, keep=2)
+_, data, meta = ckpts.restore(ckpts.latest_step(), {"x": np.zeros(3)})
+ckpts.close()
+print(json.dumps(data))
+"""
+
+
+def test_each_process_restores_its_own_data_iterator_state(tmp_path):
+    outs = _in_processes(_SAVE_AND_RESTORE_DATA_STATE, 2, str(tmp_path))
+    restored = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert restored == [{"examples": {"next_index": 10}, "dropped": 0}, {"examples": {"next_index": 11}, "dropped": 3}]
+    data = tmp_path / "checkpoints" / "1" / "data"
+    assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, every=1, keep=2)
+    try:  # this test is one process: there is no state of "process 0 of 1"
+        with pytest.raises(FileNotFoundError, match=r"process_0-of-1.json: missing; this checkpoint holds the data "
+                                                    r"states \['process_0-of-2.json', 'process_1-of-2.json'\]"):
+            ckpts.restore(1, {"x": np.zeros(3)})
+    finally:
+        ckpts.close()
+
+
+def _without_cluster(**extra: str) -> dict[str, str]:
+    """This machine's environment without any launcher's variables, plus `extra`."""
+    prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR")
+    return {**{k: v for k, v in _env(1).items() if not k.startswith(prefixes)}, **extra}
+
+
+_IS_INITIALIZED = "import jax; print('initialized:', jax.distributed.is_initialized(), jax.process_count())"
+
+
+def test_auto_defers_to_jax_cluster_detection():
+    """`auto` lets JAX find the cluster (here a one-task SLURM job, which `detect_cluster` alone leaves alone)."""
+    slurm = _without_cluster(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="1", SLURM_PROCID="0",
+                             SLURM_LOCALID="0", JAX_COORDINATOR_PORT=_local_address().split(":")[1])
+    outs = {}
+    for address in ("auto", ""):
+        out = subprocess.run([sys.executable, "-c", _join(address, 0, -1, 30) + _IS_INITIALIZED], cwd=ROOT, env=slurm,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs[address] = out.stdout.strip().splitlines()[-1]
+    assert outs == {"auto": "initialized: True 1", "": "initialized: False 1"}
+    alone = subprocess.run([sys.executable, "-c", _join("auto", 0, -1, 30)], cwd=ROOT, env=_without_cluster(),
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0
+    assert "coordinator_address=auto: JAX's cluster detection found no cluster to join" in alone.stderr, alone.stderr
+
+
+def test_missing_peers_are_explained(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _join(_local_address(), 2, 0, 2)], cwd=ROOT, env=_env(1),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "not every process arrived" in out.stderr and "same coordinator address" in out.stderr

@@ -175,7 +175,10 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     straight, resumed = _final(tmp_path / "straight", steps, mesh), _final(tmp_path / "killed", steps, mesh)
     for key, value in params_of(straight).items():
         np.testing.assert_array_equal(params_of(resumed)[key], value)
-    data_state = lambda w: json.loads((w / "checkpoints" / str(steps) / "data" / "metadata").read_text())  # noqa
+
+    def data_state(workdir):
+        return json.loads((workdir / "checkpoints" / str(steps) / "data" / "process_0-of-1.json").read_text())
+
     assert data_state(tmp_path / "killed") == data_state(tmp_path / "straight") == {"index": steps}
 
 
@@ -226,3 +229,10 @@ def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"latest checkpoint \(resuming\): vocabulary size 128 differs from this "
                                          r"run's 144"):
         run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # pathlib would have made gs://bucket/run the local directory gs:/bucket/run
+    with pytest.raises(ValueError, match=r"workdir gs://bucket/run: URLs are not supported.*mount the bucket"):
+        run_steps(load_config("stage1"), mesh_of((1, 1, 1)), "gs://bucket/run", 1)
+    assert not any(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llmcxr_jax import lm_task, parallel, train, trainer
+from llmcxr_jax import checkpoint, lm_task, parallel, train, trainer
 from llmcxr_jax.data.synthetic import SyntheticBatches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +46,8 @@ def run_steps(config, mesh, workdir, steps: int, fixed: bool = False, data=None)
 def params_of(state) -> dict[str, np.ndarray]:
     flat = nnx.to_flat_state(state["model"])
     return {"/".join(map(str, path)): np.asarray(jax.device_get(v.get_value())) for path, v in flat}
+
+
+def saved_params(workdir) -> dict[str, np.ndarray]:
+    """The model parameters of a workdir's latest checkpoint, whatever number of processes wrote it."""
+    return params_of({"model": nnx.state(checkpoint.load_model(workdir))})
