@@ -117,8 +117,23 @@ def _abstract_params(cfg: GPTNeoXConfig, mesh: jax.sharding.Mesh | None, rules: 
     return graphdef, state, target
 
 
+def latest_metadata(directory: str | Path) -> tuple[dict[str, Any], str]:
+    """(metadata, where it was read) of a converted checkpoint (meta.json) or a training workdir's latest step."""
+    directory = Path(directory).absolute()
+    if not (directory / "checkpoints").is_dir():
+        return read_metadata(directory), str(directory / "meta.json")
+    ckpts = TrainCheckpoints(directory, read_only=True)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory / 'checkpoints'}: no finished checkpoint to load")
+        return ckpts.read_meta(step), f"{directory / 'checkpoints'} step {step} meta"
+    finally:
+        ckpts.close()
+
+
 def _load_from_workdir(workdir: Path, *, mesh, rules, step: int | None = None, **runtime: Any) -> GPTNeoX:
-    ckpts = TrainCheckpoints(workdir, every=0, keep=1, async_save=False)
+    ckpts = TrainCheckpoints(workdir, read_only=True)
     step = ckpts.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no finished checkpoint to load")
@@ -175,10 +190,17 @@ class TrainCheckpoints:
     complete step.
     """
 
-    def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str | Path, *, every: int = 0, keep: int = 1, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only` for reading someone else's workdir (stage 2's init, sampling, export): nothing is created,
+        cleaned up or deleted there, and a directory without `checkpoints/` is an error naming it."""
         self.directory = local_path(workdir, "workdir").absolute() / "checkpoints"
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory}: missing; {self.directory.parent} is not a training workdir")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save and not read_only,
+            create=not read_only, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:

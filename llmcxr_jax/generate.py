@@ -395,15 +395,8 @@ def load_language_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = No
     kind = checkpoint_kind(path)
     if kind == "hf":
         return load_hf_model(path, dtype=dtype, mesh=mesh), {}, str(path / "config.json")
-    runtime = {"dtype": dtype, "param_dtype": dtype}
-    if kind == "converted":
-        meta = checkpoint.read_metadata(path)
-        return checkpoint.load_model(path, mesh=mesh, **runtime), meta, str(path / "meta.json")
-    ckpts = checkpoint.TrainCheckpoints(path, every=0, keep=1, async_save=False)
-    step = ckpts.latest_step()
-    meta = ckpts.read_meta(step) if step is not None else {}
-    ckpts.close()
-    return checkpoint.load_model(path, mesh=mesh, **runtime), meta, f"{path / 'checkpoints'} step {step} meta"
+    meta, source = checkpoint.latest_metadata(path)  # a converted checkpoint or a training workdir
+    return checkpoint.load_model(path, mesh=mesh, dtype=dtype, param_dtype=dtype), meta, source
 
 
 def load_tokenizer(path: str | Path, num_image_codes: int | None) -> LlmCxrTokenizer:

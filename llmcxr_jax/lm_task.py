@@ -219,13 +219,9 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
             _require_same_model(model.config, model_cfg, config.init.hf_dir)
             return from_model(model, shardings)
     elif config.init.workdir:
-        def initial_state(shardings):
-            source = checkpoint.TrainCheckpoints(config.init.workdir, every=0, keep=1, async_save=False)
-            step = source.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"init.workdir {config.init.workdir}: no finished checkpoint to start from")
-            check_compatible(source.read_meta(step), metadata, f"init.workdir {config.init.workdir} (step {step})")
-            source.close()
+        def initial_state(shardings):  # a training workdir (its latest step) or a converted checkpoint
+            meta, source = checkpoint.latest_metadata(config.init.workdir)
+            check_compatible(meta, metadata, f"init.workdir {source}")
             model = checkpoint.load_model(config.init.workdir, mesh=mesh, rules=rules, **runtime)
             return from_model(model, shardings)
 

@@ -305,7 +305,7 @@ def export_workdir(workdir: str | Path, directory: str | Path, step: int | None 
     """
     from llmcxr_jax.checkpoint import TrainCheckpoints
 
-    ckpts = TrainCheckpoints(workdir, every=0, keep=1, async_save=False)
+    ckpts = TrainCheckpoints(workdir, read_only=True)
     try:
         step = ckpts.latest_step() if step is None else step
         if step is None:

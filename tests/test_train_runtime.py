@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from hf_reference import save_hf, tiny_hf_model
-from llmcxr_jax import lm_task, optim, parallel, trainer
+from llmcxr_jax import checkpoint, lm_task, optim, parallel, trainer
 from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tiny_task
 
 
@@ -112,6 +112,30 @@ def test_stage2_is_seeded_from_stage1_parameters_only(tmp_path):
         np.testing.assert_array_equal(params_of(seeded)[key], value)
     assert int(seeded["optimizer"]["step"].get_value()) == 0
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(seeded["optimizer"]["opt_state"]))
+
+
+def test_stage2_starts_from_a_converted_checkpoint_and_leaves_it_as_it_was(tmp_path):
+    """init.workdir may name a converted checkpoint (meta.json + params/); reading it must not turn it into an
+    empty training workdir (an Orbax manager opened for writing creates checkpoints/ there)."""
+    _, s1 = run_steps(load_config("stage1"), mesh_of((1, 1, 1)), tmp_path / "s1", 1)
+    meta, _ = checkpoint.latest_metadata(tmp_path / "s1")
+    converted = tmp_path / "converted"
+    checkpoint.save_model(checkpoint.load_model(tmp_path / "s1"), converted,
+                          extra_metadata={k: v for k, v in meta.items() if k not in ("model_config", "versions")})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    stage2 = load_config("stage2")
+    stage2.init.workdir = str(converted)
+    mesh = mesh_of((1, 1, 1))
+    task = tiny_task(stage2, mesh, 1)
+    seeded = task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    for key, value in params_of(s1).items():
+        np.testing.assert_array_equal(params_of(seeded)[key], value)
+    stage2.init.workdir = str(tmp_path / "s1")  # a training workdir is read without writing to it too
+    tiny_task(stage2, mesh, 1).initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    stage2.init.workdir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/meta.json: missing"):
+        tiny_task(stage2, mesh, 1).initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
 
 
 def test_stage2_refuses_other_vocabulary_or_vqgan(tmp_path):

@@ -38,7 +38,7 @@ def saved_state(config, workdir, step: int = STEPS) -> dict[str, np.ndarray]:
     _, abstract, _ = trainer.state_shardings(vqgan_task.build_task(config), mesh, parallel.DEFAULT_RULES)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(abstract))
-    ckpts = TrainCheckpoints(workdir, every=0, keep=1, async_save=False)
+    ckpts = TrainCheckpoints(workdir, read_only=True)
     pure, _, _ = ckpts.restore(step, target)
     ckpts.close()
     flat = jax.tree_util.tree_flatten_with_path(pure)[0]

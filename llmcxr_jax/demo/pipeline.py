@@ -83,7 +83,7 @@ def _require_finished(workdir: Path, steps: int) -> None:
     """A run stopped by SIGTERM returns normally after its checkpoint; the demo must not go on without it."""
     from llmcxr_jax.checkpoint import TrainCheckpoints
 
-    ckpts = TrainCheckpoints(workdir, every=0, keep=1, async_save=False)
+    ckpts = TrainCheckpoints(workdir, read_only=True)
     latest = ckpts.latest_step()
     ckpts.close()
     if latest != steps:
