@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ from etils import epath
 from flax import nnx
 
 from llmcxr_jax import parallel
+from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig
+from vqgan_flax.atomic import write_atomic
 
 FORMAT_VERSION = 1
 _PACKAGES = ("jax", "flax", "orbax-checkpoint", "llmcxr-jax")
@@ -51,9 +52,7 @@ def local_path(path: str | Path, what: str) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
@@ -83,25 +82,45 @@ def save_model(model: GPTNeoX, directory: str | Path, extra_metadata: dict[str, 
     write_json_atomic(directory / "meta.json", model_metadata(model.config, extra_metadata))
 
 
-def load_model(directory: str | Path, *, mesh: jax.sharding.Mesh | None = None,
+def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: parallel.Rules = parallel.DEFAULT_RULES, **runtime: Any) -> GPTNeoX:
-    """Restore a model checkpoint or the latest step of a training workdir (parameters only).
+    """Restore a model checkpoint, or `step` (default: the latest) of a training workdir (parameters only).
 
     `runtime` overrides config fields such as dtype or attention_impl.
     """
     directory = Path(directory).absolute()
-    if (directory / "checkpoints").is_dir():
-        return _load_from_workdir(directory, mesh=mesh, rules=rules, **runtime)
-    cfg = config_from_metadata(read_metadata(directory), str(directory / "meta.json"), **runtime)
+    meta, source, step = latest_metadata(directory, step)
+    cfg = config_from_metadata(meta, source, **runtime)
     graphdef, state, target = _abstract_params(cfg, mesh, rules)
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
-            params = ckptr.restore(directory / "params", target)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{directory / 'params'}: parameters do not match the model config in meta.json "
-                             f"({e})") from None
+    if step is not None:
+        ckpts = TrainCheckpoints(directory, read_only=True)
+        params = ckpts.restore_subtree(step, {"model": target})["model"]
+        ckpts.close()
+    else:
+        with ocp.StandardCheckpointer() as ckptr:
+            try:
+                params = ckptr.restore(directory / "params", target)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{directory / 'params'}: parameters do not match the model config in meta.json "
+                                 f"({e})") from None
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def latest_metadata(directory: str | Path, step: int | None = None) -> tuple[dict[str, Any], str, int | None]:
+    """(metadata, where it was read, step) of a converted checkpoint (step None) or of a training workdir's
+    `step` (default: its latest finished one); `checkpoint_kind` tells them apart."""
+    directory = Path(directory).absolute()
+    if checkpoint_kind(directory) != "workdir":
+        return read_metadata(directory), str(directory / "meta.json"), None
+    ckpts = TrainCheckpoints(directory, read_only=True)
+    try:
+        step = ckpts.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory / 'checkpoints'}: no finished checkpoint to load")
+        return ckpts.read_meta(step), f"{directory / 'checkpoints'} step {step} meta", step
+    finally:
+        ckpts.close()
 
 
 def _abstract_params(cfg: GPTNeoXConfig, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
@@ -115,35 +134,6 @@ def _abstract_params(cfg: GPTNeoXConfig, mesh: jax.sharding.Mesh | None, rules: 
         shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
     return graphdef, state, target
-
-
-def latest_metadata(directory: str | Path) -> tuple[dict[str, Any], str]:
-    """(metadata, where it was read) of a converted checkpoint (meta.json) or a training workdir's latest step."""
-    directory = Path(directory).absolute()
-    if not (directory / "checkpoints").is_dir():
-        return read_metadata(directory), str(directory / "meta.json")
-    ckpts = TrainCheckpoints(directory, read_only=True)
-    try:
-        step = ckpts.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{directory / 'checkpoints'}: no finished checkpoint to load")
-        return ckpts.read_meta(step), f"{directory / 'checkpoints'} step {step} meta"
-    finally:
-        ckpts.close()
-
-
-def _load_from_workdir(workdir: Path, *, mesh, rules, step: int | None = None, **runtime: Any) -> GPTNeoX:
-    ckpts = TrainCheckpoints(workdir, read_only=True)
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no finished checkpoint to load")
-    meta = ckpts.read_meta(step)
-    cfg = config_from_metadata(meta, f"{workdir} step {step} meta", **runtime)
-    graphdef, state, target = _abstract_params(cfg, mesh, rules)
-    params = ckpts.restore_subtree(step, {"model": target})["model"]
-    ckpts.close()
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
 
 
 def _process_file() -> str:

@@ -42,6 +42,7 @@ from llmcxr_jax.data.mimic_records import REPORT_SKIPS, ReportCache
 from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
 from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import DEFAULT_SEED, choose_instruction
+from vqgan_flax.atomic import write_atomic
 from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
 
 RESULTS_PREFIX = "llm-cxr__eval_results"
@@ -164,9 +165,9 @@ def select_mimic_eval(manual_dir: str | Path, codes_path: str | Path, eval_ids: 
 
     Validate ∪ test images with metadata and ViewPosition PA or AP, sorted by dicom_id, restricted to `eval_ids`;
     an image is then skipped without a report file (`no_report`), with one that is not UTF-8
-    (`undecodable_report`), without exactly one IMPRESSION (`parse_failure`) or without codes (`no_codes`). Entries of the original's pickle with codes of the wrong
-    length or range are skipped as `invalid_codes`; generate_eval.py did not check them, but no model input can
-    be made from them.
+    (`undecodable_report`), without exactly one IMPRESSION (`parse_failure`) or without codes (`no_codes`).
+    Entries of the original's pickle with codes of the wrong length or range are skipped as `invalid_codes`;
+    generate_eval.py did not check them, but no model input can be made from them.
     """
     manual_dir = Path(manual_dir)
     require_files(manual_dir, {name: WHERE[name] for name in (SPLIT_CSV, METADATA_CSV, REPORTS_DIR)})
@@ -243,9 +244,7 @@ def write_results_pickle(records: Sequence[Mapping], path: str | Path) -> None:
     except UnsafePickleError as err:
         raise ValueError(f"results for {path} hold non-plain values (convert numpy values with .tolist()): "
                          f"{err}") from err
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _differences(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -374,14 +373,15 @@ def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], Eval
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 def _sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What of `_load_sampler(args)` changes the outputs, recorded so a resumed run cannot switch models."""
+    """What of `_load_sampler(args, step)` changes the outputs, recorded so a resumed run cannot switch models."""
     return {"checkpoint": checkpoint_identity(args.checkpoint), "image_mode": args.image_mode,
             "max_tries": args.max_tries}
 
 
-def _load_sampler(args: argparse.Namespace) -> EvalSampler:
+def _load_sampler(args: argparse.Namespace, step: int | None) -> EvalSampler:
+    """The sampler of the recorded identity: a training workdir's `step`, even if a newer one has been saved since."""
     from llmcxr_jax.generate import Sampler  # JAX and the model: imported only when there is work to do
-    sampler = Sampler.from_checkpoint(args.checkpoint, vqgan_dir=args.vqgan, batch_size=args.batch_size)
+    sampler = Sampler.from_checkpoint(args.checkpoint, vqgan_dir=args.vqgan, batch_size=args.batch_size, step=step)
     return GenerateSampler(sampler, args.image_mode, args.max_tries)
 
 
@@ -451,9 +451,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "mimic":
         selection = select_mimic_eval(args.manual_dir, args.codes or default_codes_path(args.manual_dir),
                                       read_eval_ids(args.eval_ids), tuple(args.grid), args.num_codes)
-        summary = run_mimic_protocol(selection, lambda: _load_sampler(args), args.out,
-                                     rank=args.rank, world=args.world, seed=args.seed, batch_size=args.batch_size,
-                                     image_offset=args.image_offset, sampler_settings=_sampler_settings(args))
+        settings = _sampler_settings(args)
+        summary = run_mimic_protocol(selection, lambda: _load_sampler(args, settings["checkpoint"]["step"]),
+                                     args.out, rank=args.rank, world=args.world, seed=args.seed,
+                                     batch_size=args.batch_size, image_offset=args.image_offset,
+                                     sampler_settings=settings)
         result = {"results": str(summary.path), "pickle": str(summary.pickle_path), "shard": summary.shard,
                   "resumed": summary.resumed, "written": summary.written, "selection": dict(selection.counts)}
     else:

@@ -138,13 +138,15 @@ class Sampler:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vqgan_dir: str | Path | None = None, *,
-                        mesh: jax.sharding.Mesh | None = None, dtype: str = "bfloat16", **kwargs: Any) -> Sampler:
-        """An HF directory, a converted checkpoint or a training workdir (by the files present), plus a VQ-GAN.
+                        mesh: jax.sharding.Mesh | None = None, dtype: str = "bfloat16", step: int | None = None,
+                        **kwargs: Any) -> Sampler:
+        """An HF directory, a converted checkpoint or a training workdir (its `step`, default the latest; by the
+        files present), plus a VQ-GAN.
 
         The tokenizer is the checkpoint's tokenizer.json when there is one, else the packaged LLM-CXR one. A
         VQ-GAN whose fingerprint or grid differs from the one the LM's metadata records is refused.
         """
-        model, meta, source = load_language_model(path, mesh=mesh, dtype=dtype)
+        model, meta, source = load_language_model(path, mesh=mesh, dtype=dtype, step=step)
         vqgan = None
         if vqgan_dir is not None:
             vqgan = vqgan_flax.load(vqgan_dir)
@@ -388,15 +390,15 @@ def _trim(tokens: np.ndarray, steps: int, end_id: int | None) -> np.ndarray:
 
 # ---- loading --------------------------------------------------------------------------------------------------
 
-def load_language_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = None,
-                        dtype: str = "bfloat16") -> tuple[GPTNeoX, dict[str, Any], str]:
-    """(model, metadata, metadata source) from an HF directory, a converted checkpoint or a training workdir."""
+def load_language_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "bfloat16",
+                        step: int | None = None) -> tuple[GPTNeoX, dict[str, Any], str]:
+    """(model, metadata, metadata source) from an HF directory, a converted checkpoint or a training workdir
+    (`step`, default its latest)."""
     path = Path(path)
-    kind = checkpoint_kind(path)
-    if kind == "hf":
+    if checkpoint_kind(path) == "hf":
         return load_hf_model(path, dtype=dtype, mesh=mesh), {}, str(path / "config.json")
-    meta, source = checkpoint.latest_metadata(path)  # a converted checkpoint or a training workdir
-    return checkpoint.load_model(path, mesh=mesh, dtype=dtype, param_dtype=dtype), meta, source
+    meta, source, step = checkpoint.latest_metadata(path, step)
+    return checkpoint.load_model(path, step=step, mesh=mesh, dtype=dtype, param_dtype=dtype), meta, source
 
 
 def load_tokenizer(path: str | Path, num_image_codes: int | None) -> LlmCxrTokenizer:

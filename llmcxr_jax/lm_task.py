@@ -220,9 +220,9 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
             return from_model(model, shardings)
     elif config.init.workdir:
         def initial_state(shardings):  # a training workdir (its latest step) or a converted checkpoint
-            meta, source = checkpoint.latest_metadata(config.init.workdir)
+            meta, source, step = checkpoint.latest_metadata(config.init.workdir)
             check_compatible(meta, metadata, f"init.workdir {source}")
-            model = checkpoint.load_model(config.init.workdir, mesh=mesh, rules=rules, **runtime)
+            model = checkpoint.load_model(config.init.workdir, step=step, mesh=mesh, rules=rules, **runtime)
             return from_model(model, shardings)
 
     def throughput(window: dict[str, float], seconds: float) -> dict[str, float]:

@@ -77,7 +77,8 @@ def trees(tmp_path_factory):
     """Fixture trees: codes as an encoded directory and as one imported from the pickle, both without a selection
     file, and as the pickle with one."""
     base = tmp_path_factory.mktemp("mimic")
-    return {"dir": write_mimic_tree(base / "dir"), "imported": write_mimic_tree(base / "imported", codes_format="imported"),
+    return {"dir": write_mimic_tree(base / "dir"),
+            "imported": write_mimic_tree(base / "imported", codes_format="imported"),
             "pickle": write_mimic_tree(base / "pickle", codes_format="pickle", selection=True)}
 
 

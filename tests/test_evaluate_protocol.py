@@ -258,7 +258,7 @@ def test_cli_mimic_runs_the_protocol(tree, tmp_path, monkeypatch, capsys):
     (checkpoint / "config.json").write_text("{}")
     built = []
     monkeypatch.setattr(evaluate, "_load_sampler",
-                        lambda args: built.append((args.checkpoint, args.vqgan)) or ScriptedSampler())
+                        lambda args, step: built.append((args.checkpoint, args.vqgan)) or ScriptedSampler())
     evaluate.main(["mimic", "--checkpoint", str(checkpoint), "--vqgan", "VQ", "--manual_dir", str(fx.root),
                    "--eval_ids", str(ids_file), "--out", str(tmp_path / "out"), "--rank", "1", "--world", "2"])
     printed = json.loads(capsys.readouterr().out)
@@ -292,7 +292,8 @@ def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, 
         (checkpoint / "model.safetensors").write_bytes(b"weights")
     else:
         _workdir_at_step(checkpoint, 100)
-    monkeypatch.setattr(evaluate, "_load_sampler", lambda args: ScriptedSampler())
+    loaded_steps = []
+    monkeypatch.setattr(evaluate, "_load_sampler", lambda args, step: loaded_steps.append(step) or ScriptedSampler())
 
     def run(ckpt, *extra):
         evaluate.main(["mimic", "--checkpoint", str(ckpt), "--vqgan", "VQ", "--manual_dir", str(fx.root),
@@ -300,6 +301,7 @@ def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, 
         return json.loads(capsys.readouterr().out)
 
     first = run(checkpoint)
+    assert loaded_steps == [100 if kind == "workdir" else None]  # the model of the recorded identity is loaded
     assert run(checkpoint)["resumed"] == first["written"] > 0  # the same settings resume
     extra: list[str] = change if isinstance(change, list) else []
     if change == "resave":

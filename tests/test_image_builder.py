@@ -151,4 +151,4 @@ def test_the_build_cli_makes_the_dataset_the_vqgan_config_reads(tmp_path, capsys
     printed = capsys.readouterr().out
     source = tfds.data_source("cxr_images/demo64", data_dir=tmp_path / "tfds", split="train")
     assert len(source) == 3 and source[0]["image"].shape == (64, 64, 1)
-    assert '"train": 3' in printed and "too small" in printed
+    assert '"train": 3' in printed and '"skipped": 1' in printed

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from vqgan_flax.atomic import TMP_SUFFIX, write_atomic
 from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
 
 META_FILE = "meta.json"
 INVALID_FILE = "invalid_ids.json"
 FORMAT = "vqgan_flax.codes/1"
-_SHARD_PREFIX, _SHARD_SUFFIX, _TMP_SUFFIX = "shard-", ".npz", ".tmp"
+_SHARD_PREFIX, _SHARD_SUFFIX = "shard-", ".npz"
 
 
 class CodesError(ValueError):
@@ -102,13 +103,6 @@ def _read_shard(path: Path, meta: CodesMeta) -> tuple[np.ndarray, np.ndarray]:
     ids, codes = arrays["ids"], arrays["codes"]
     validate(ids, codes, meta, str(path))
     return ids, codes
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `path` via a temporary file and a rename, so readers never see half of it."""
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_invalid(path: Path, ids: Iterable[str]) -> frozenset[str]:
@@ -199,8 +193,8 @@ class CodesWriter:
                                  + "; ".join(diffs) + "); write to another directory")
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.path / META_FILE, json.dumps(meta.to_json(), indent=1) + "\n")
-        for leftover in self.path.glob(f"*{_TMP_SUFFIX}"):
+            write_atomic(self.path / META_FILE, json.dumps(meta.to_json(), indent=1) + "\n")
+        for leftover in self.path.glob(f"*{TMP_SUFFIX}"):
             leftover.unlink()  # half-written file of an interrupted run
         existing_dir = CodesDir.open(self.path)
         self._done, self._invalid = set(existing_dir.done_ids()), existing_dir.invalid_ids
@@ -216,7 +210,7 @@ class CodesWriter:
         both = self._done.intersection(invalid)
         if both:
             raise CodesError(f"{self.path}: ids to record as invalid already have codes: {sorted(both)[:10]}")
-        _write_atomic(self.path / INVALID_FILE, json.dumps(invalid) + "\n")
+        write_atomic(self.path / INVALID_FILE, json.dumps(invalid) + "\n")
         self._invalid = frozenset(invalid)
 
     def write(self, ids: Iterable[str], codes: np.ndarray) -> Path:
@@ -235,7 +229,7 @@ class CodesWriter:
         invalid = self._invalid.intersection(id_array.tolist())
         if invalid:
             raise CodesError(f"{self.path}: ids recorded as invalid in {INVALID_FILE}: {sorted(invalid)[:10]}")
-        tmp = target.with_name(target.name + _TMP_SUFFIX)
+        tmp = target.with_name(target.name + TMP_SUFFIX)
         with tmp.open("wb") as f:
             np.savez(f, ids=id_array, codes=code_array)
             f.flush()

@@ -28,7 +28,8 @@ def read_codes(path: Path, model: VQGAN, fingerprint: str) -> dict[str, np.ndarr
     config = model.config
     if not path.is_dir():
         codes, invalid = read_pickle(path, config.grid, config.num_codes)
-        print(f"{path}: {len(codes)} entries, {len(invalid)} dropped (wrong length or code out of range)", file=sys.stderr)
+        print(f"{path}: {len(codes)} entries decoded, {len(invalid)} invalid ones skipped (wrong length or code out "
+              "of range)", file=sys.stderr)
         return codes
     directory = CodesDir.open(path)
     meta = directory.meta

@@ -8,7 +8,6 @@ Nothing is downloaded; a missing manual file is named with where to get it. Prin
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 
 import tensorflow_datasets as tfds
@@ -33,9 +32,7 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
     for name in configs:
         builder = cls(config=name, data_dir=data_dir) if name else cls(data_dir=data_dir)
         builder.download_and_prepare(download_config=download)
-        metadata = builder.info.metadata or {}
-        report[name or "default"] = metadata["counts"] if "counts" in metadata else {
-            "kept": metadata.get("kept", {}), "skipped": dict(collections.Counter(metadata.get("skipped", {}).values()))}
+        report[name or "default"] = builder.info.metadata.get("counts", {}) if builder.info.metadata else {}
         print(f"built {builder.info.full_name} in {data_dir}: "
               f"{ {s: v.num_examples for s, v in builder.info.splits.items()} }")
     return report

@@ -14,7 +14,8 @@ Splits: with MIMIC-CXR-JPG's `mimic-cxr-2.0.0-split.csv` in `manual_dir` (e.g. m
 holding `files/`), MIMIC's split by dicom_id (= file stem): `train`, and `validation` = validate ∪ test. Otherwise
 a `validation_fraction` of the files, chosen by a hash of their relative path, forms `validation`. Files that
 cannot be used (unreadable, too small, colour in a grayscale set, not in the split CSV) are skipped; their count
-by reason and the list of paths are in `info.metadata["skipped"]` and in `builder.build_counts` after a build.
+by reason and the list of paths are in `info.metadata["skipped"]` and in `builder.build_counts` after a build;
+`info.metadata["counts"]` has the kept images per split and the number skipped.
 
 The training iterator (`make_image_iterator`) works on any source of records with a uint8 `image` of (H, W, 1)
 or (H, W, 3), e.g. this builder's or `cxr_phantoms`' splits, or `phantom_records`.
@@ -162,7 +163,7 @@ class CxrImages(LocalFilesBuilder):
                     self.build_counts["kept"][split] += 1
                     yield key, {"image_id": key, "image": png_bytes(result)}
         self.info.metadata["skipped"] = dict(sorted(skipped.items()))
-        self.info.metadata["kept"] = dict(self.build_counts["kept"])
+        self.info.metadata["counts"] = {"kept": dict(self.build_counts["kept"]), "skipped": len(skipped)}
 
 
 # ---------------------------------------------------------------------------------------------------- training
