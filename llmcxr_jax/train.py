@@ -1,7 +1,8 @@
 """Train LLM-CXR: `python -m llmcxr_jax.train --config configs/stage1.py --workdir DIR [--config.key=value ...]`.
 
 `--dry_run` builds the state abstractly, compiles one step for the current mesh (or, with `--topology
-v5p:4x4x4`, for a TPU pod that is not there, through libtpu) and prints per-device memory, without training.
+v5p:2x2x2`, for a TPU pod that is not there, through libtpu; the global batch must divide over its chips) and
+prints per-device memory, without training.
 A restarted run resumes from the latest checkpoint in `--workdir` by itself.
 """
 
@@ -26,7 +27,7 @@ config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and logs go here")
 flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memory; no training")
-flags.DEFINE_string("topology", "", "with --dry_run: compile for a TPU topology such as v5p:4x4x4 (needs libtpu)")
+flags.DEFINE_string("topology", "", "with --dry_run: compile for a TPU topology such as v5p:2x2x2 (needs libtpu)")
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
