@@ -222,6 +222,48 @@ def test_encode_cli_resumes_and_records_bad_files(vqgan_dir, tmp_path, capsys):
     assert "encoded 0, skipped 6" in third and len(CodesDir.open(out)) == 6
 
 
+def test_an_interrupted_encode_keeps_what_it_encoded(vqgan_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM mid-run: the codes encoded so far are written (not only whole shards), and a rerun
+    encodes the rest only."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(12):  # two batches: the batch is rounded up to the 8 devices
+        images.append(tmp_path / f"img{i:02d}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(images[-1])
+    calls = []
+
+    class InterruptedOnTheSecondBatch(encode_cli.DataParallel):
+        def __call__(self, batch):
+            calls.append(len(batch))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return super().__call__(batch)
+
+    monkeypatch.setattr(encode_cli, "DataParallel", InterruptedOnTheSecondBatch)
+    with pytest.raises(KeyboardInterrupt):  # shard_size 100: nothing would be written before the end
+        encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "codes"), "--batch_size", "8",
+                         "--shard_size", "100", "--workers", "1", *map(str, images)])
+    assert len(CodesDir.open(tmp_path / "codes")) == 8
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert "encoded 4, skipped 8" in run_encode(vqgan_dir, tmp_path / "codes", images, capsys)
+
+
+def test_cli_bad_output_or_batch_size_is_one_error_line(vqgan_dir, tmp_path):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: .*afile"):
+        encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "afile"), str(image)])
+    with pytest.raises(SystemExit, match=r"^error: batch_size must be at least 1, got 0"):
+        encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "codes"), "--batch_size", "0", str(image)])
+    meta = CodesMeta(vqgan_flax.checkpoint.read_fingerprint(vqgan_dir), TINY.grid, TINY.num_codes, META.recipe)
+    CodesWriter(tmp_path / "codes2", meta).write(["x1"], random_codes(1))
+    with pytest.raises(SystemExit, match=r"^error: .*afile"):
+        decode_cli.main(["--vqgan", str(vqgan_dir), "--codes", str(tmp_path / "codes2"), "--out",
+                         str(tmp_path / "afile")])
+
+
 def test_encode_cli_refuses_duplicate_ids(vqgan_dir, tmp_path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()

@@ -359,6 +359,20 @@ def test_restricted_reader_matches_torch_load(reference):
         np.testing.assert_array_equal(ours["state_dict"][key], value.numpy())
 
 
+def test_a_damaged_checkpoint_is_refused_not_converted(reference, tmp_path):
+    """torch.load does not check the zip entries' CRCs: flipped bytes inside a tensor would convert silently."""
+    ckpt = tmp_path / "damaged.ckpt"
+    data = bytearray(reference["ckpt"].read_bytes())
+    with zipfile.ZipFile(reference["ckpt"]) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.compress_size // 2
+    data[start:start + 16] = bytes(16)
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointReadError, match=rf"damaged.ckpt: damaged: entry {info.filename} fails its CRC"):
+        convert.convert(ckpt, reference["yaml"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_not_a_checkpoint(reference, tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("not a checkpoint")

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         fingerprint = convert(args.ckpt, args.config, args.out)
-    except ValueError as err:  # every user-caused error names its file
+    except (ValueError, OSError) as err:  # every user-caused error names its file
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {args.out} (fingerprint {fingerprint})")
 

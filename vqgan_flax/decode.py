@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         model = checkpoint.load(args.vqgan)
         codes = read_codes(Path(args.codes), model, checkpoint.read_fingerprint(args.vqgan))
         _check_ids(codes, Path(args.codes))
-    except ValueError as err:
+        decode_to_pngs(model, codes, Path(args.out), args.batch_size)
+    except (ValueError, OSError) as err:  # OSError: e.g. --out is a file or not writable
         raise SystemExit(f"error: {err}") from err
-    decode_to_pngs(model, codes, Path(args.out), args.batch_size)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -91,20 +92,22 @@ def encode_files(model: VQGAN, images: dict[str, Path], writer: CodesWriter, *, 
     with ThreadPoolExecutor(workers) as pool, (writer.path / ERRORS_FILE).open("w") as errors, \
             tqdm(total=len(todo), unit="img", desc="encode") as bar:
         errors.write("id\tpath\treason\n")
-        for chunk in _prepared(todo, batch_size, lambda p: _prepare(p, size, dicom_mode), pool):
-            good = [(i, x) for i, _, x in chunk if isinstance(x, np.ndarray)]
-            for i, p, reason in ((i, p, x) for i, p, x in chunk if isinstance(x, str)):
-                errors.write(f"{i}\t{p}\t{' '.join(reason.split())}\n")
-                failed += 1
-            errors.flush()
-            if good:
-                pending_ids.extend(i for i, _ in good)
-                pending_codes.append(encode(np.stack([x for _, x in good])))
-                encoded += len(good)
-            if len(pending_ids) >= shard_size:
-                flush()
-            bar.update(len(chunk))
-        flush()
+        try:
+            for chunk in _prepared(todo, batch_size, lambda p: _prepare(p, size, dicom_mode), pool):
+                good = [(i, x) for i, _, x in chunk if isinstance(x, np.ndarray)]
+                for i, p, reason in ((i, p, x) for i, p, x in chunk if isinstance(x, str)):
+                    errors.write(f"{i}\t{p}\t{' '.join(reason.split())}\n")
+                    failed += 1
+                errors.flush()
+                if good:
+                    pending_codes.append(encode(np.stack([x for _, x in good])))  # ids only once their codes exist
+                    pending_ids.extend(i for i, _ in good)
+                    encoded += len(good)
+                if len(pending_ids) >= shard_size:
+                    flush()
+                bar.update(len(chunk))
+        finally:  # an interrupted run keeps every image it encoded; the next run resumes after them
+            flush()
     return encoded, len(images) - len(todo), failed
 
 
@@ -124,11 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         recipe = {**RECIPE, "size": model.config.resolution, "dicom_mode": args.dicom_mode}
         meta = CodesMeta(checkpoint.read_fingerprint(args.vqgan), model.config.grid, model.config.num_codes, recipe)
         writer = CodesWriter(args.out, meta)
-    except ValueError as err:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwinds, so codes are flushed
+        encoded, skipped, failed = encode_files(model, images, writer, batch_size=args.batch_size,
+                                                shard_size=args.shard_size, dicom_mode=args.dicom_mode,
+                                                workers=args.workers)
+    except (ValueError, OSError) as err:  # OSError: e.g. --out is a file or not writable
         raise SystemExit(f"error: {err}") from err
-    encoded, skipped, failed = encode_files(model, images, writer, batch_size=args.batch_size,
-                                            shard_size=args.shard_size, dicom_mode=args.dicom_mode,
-                                            workers=args.workers)
     print(f"encoded {encoded}, skipped {skipped} already in {args.out}, failed {failed}"
           + (f" (see {Path(args.out) / ERRORS_FILE})" if failed else ""), file=sys.stderr)
 

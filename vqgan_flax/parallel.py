@@ -20,6 +20,8 @@ class DataParallel:
 
     def __init__(self, fn: Callable[[VQGAN, jax.Array], jax.Array], model: VQGAN, batch_size: int,
                  devices: Sequence[jax.Device] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         devices = list(devices or jax.local_devices())
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = Mesh(np.array(devices), ("data",))

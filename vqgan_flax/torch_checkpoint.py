@@ -113,8 +113,20 @@ def _restricted_torch_load(path: Path) -> Any:
                                    stand_in=_stand_in)
 
 
+def _check_archive(path: Path) -> None:
+    """Refuse a zip-format checkpoint with a damaged entry: torch.load reads one without checking CRCs, and its
+    corrupt weights would convert (and be fingerprinted) as if they were the model."""
+    if not zipfile.is_zipfile(path):
+        return  # torch < 1.6's format: torch.load reads it, the restricted reader says it cannot
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise CheckpointReadError(f"{path}: damaged: entry {damaged} fails its CRC check; copy the file again")
+
+
 def _torch_load(path: Path) -> Any:
     """torch.load(weights_only=True), or the restricted reader where torch is absent or refuses the file."""
+    _check_archive(path)
     try:
         import torch
     except ImportError:
