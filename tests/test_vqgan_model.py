@@ -22,6 +22,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer as TamingQuantizer
 import vqgan_flax
 from vqgan_flax import checkpoint, convert
 from vqgan_flax.config import PRESETS, VQGANConfig
+from vqgan_flax.losses import read_loss_tensors
 from vqgan_flax.quantizer import VectorQuantizer
 from vqgan_flax.safe_pickle import UnsafePickleError
 from vqgan_flax.torch_checkpoint import CheckpointReadError, _restricted_torch_load, read_state_dict
@@ -371,6 +372,19 @@ def test_a_damaged_checkpoint_is_refused_not_converted(reference, tmp_path):
     with pytest.raises(CheckpointReadError, match=rf"damaged.ckpt: damaged: entry {info.filename} fails its CRC"):
         convert.convert(ckpt, reference["yaml"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_reconverting_without_loss_tensors_drops_the_old_ones_and_bad_loss_files_are_named(reference, tmp_path):
+    out = tmp_path / "out"
+    convert.convert(reference["ckpt"], reference["yaml"], out)
+    assert read_loss_tensors(out).keys() == reference["loss"].keys()
+    (tmp_path / "plain").mkdir()
+    ckpt, cfg = write_reference(tmp_path / "plain", TINY, reference["state"])  # generator only
+    convert.convert(ckpt, cfg, out)
+    assert read_loss_tensors(out) == {} and vqgan_flax.load(out) is not None
+    (out / "loss.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    with pytest.raises(checkpoint.CheckpointError, match=r"out/loss.safetensors: cannot read the loss tensors"):
+        read_loss_tensors(out)
 
 
 def test_not_a_checkpoint(reference, tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from vqgan_flax.atomic import write_atomic
 from vqgan_flax.config import VQGANConfig
 from vqgan_flax.layers import Dtype
 from vqgan_flax.model import VQGAN
@@ -119,11 +120,12 @@ def write(directory: str | Path, config: VQGANConfig, params: Mapping[str, np.nd
     check_params(params, param_shapes(config), str(directory))
     arrays = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in params.items()}
     directory.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(arrays, directory / PARAMS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    write_atomic(directory / PARAMS_FILE, safetensors.numpy.save(arrays))
+    write_atomic(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=1) + "\n")
     meta = {"format": FORMAT, "fingerprint": fingerprint(arrays),
             "num_params": int(sum(a.size for a in arrays.values())), **(extra_meta or {})}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    # Last: `load` checks the parameters against this fingerprint, so an interrupted write never loads.
+    write_atomic(directory / META_FILE, json.dumps(meta, indent=1) + "\n")
     return meta["fingerprint"]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from vqgan_flax import checkpoint
+from vqgan_flax.atomic import write_atomic
 from vqgan_flax.config import VQGANConfig
 from vqgan_flax.torch_checkpoint import read_state_dict
 
@@ -132,10 +133,13 @@ def convert(ckpt: str | Path, config_yaml: str | Path, out: str | Path) -> str:
     except checkpoint.CheckpointError as err:
         raise ConversionError(str(err)) from err
     params = to_flax(generator, source)
-    fingerprint = checkpoint.write(out, config, params, {"source": Path(ckpt).name})
-    if loss:
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in loss.items()}, Path(out) / LOSS_FILE)
-    return fingerprint
+    loss_path = Path(out) / LOSS_FILE
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if loss:  # before the parameters, whose meta.json (written last) marks the directory complete
+        write_atomic(loss_path, safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in loss.items()}))
+    else:
+        loss_path.unlink(missing_ok=True)  # never keep another model's loss tensors beside these parameters
+    return checkpoint.write(out, config, params, {"source": Path(ckpt).name})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,8 @@ from flax import nnx
 
 from vqgan_flax import discriminator as disc_lib
 from vqgan_flax import lpips as lpips_lib
-from vqgan_flax.checkpoint import check_params
+from vqgan_flax.atomic import write_atomic
+from vqgan_flax.checkpoint import CheckpointError, check_params
 from vqgan_flax.convert import LOSS_FILE
 from vqgan_flax.discriminator import PatchDiscriminator
 from vqgan_flax.lpips import LPIPS
@@ -243,7 +244,10 @@ def lpips_from_torch_files(vgg16_path: str | Path, heads_path: str | Path) -> LP
 def read_loss_tensors(vqgan_dir: str | Path) -> dict[str, np.ndarray]:
     """The `loss.*` tensors a converted (or exported) VQ-GAN directory keeps; {} when it has none."""
     path = Path(vqgan_dir) / LOSS_FILE
-    return safetensors.numpy.load_file(path) if path.is_file() else {}
+    try:
+        return safetensors.numpy.load_file(path) if path.is_file() else {}
+    except (OSError, safetensors.SafetensorError) as err:
+        raise CheckpointError(f"{path}: cannot read the loss tensors: {err}") from err
 
 
 def load_lpips(*, vqgan_dir: str | Path = "", vgg16_path: str | Path = "", heads_path: str | Path = "") -> LPIPS:
@@ -283,5 +287,5 @@ def to_taming_tensors(discriminator: PatchDiscriminator, lpips: LPIPS | None, n_
 
 
 def write_loss_tensors(vqgan_dir: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-                                Path(vqgan_dir) / LOSS_FILE)
+    write_atomic(Path(vqgan_dir) / LOSS_FILE,
+                 safetensors.numpy.save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}))
