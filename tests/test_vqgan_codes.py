@@ -272,7 +272,7 @@ def test_encode_cli_refuses_duplicate_ids(vqgan_dir, tmp_path):
         encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "codes"), str(tmp_path)])
 
 
-def test_decode_cli_from_codes_dir_and_pickle(vqgan_dir, tmp_path):
+def test_decode_cli_from_codes_dir_and_pickle(vqgan_dir, tmp_path, capsys):
     meta = CodesMeta(vqgan_flax.checkpoint.read_fingerprint(vqgan_dir), TINY.grid, TINY.num_codes, META.recipe)
     CodesWriter(tmp_path / "codes", meta).write(["x1", "x2", "x3"], random_codes(3))
     decode_cli.main(["--vqgan", str(vqgan_dir), "--codes", str(tmp_path / "codes"), "--out", str(tmp_path / "png"),
@@ -283,6 +283,12 @@ def test_decode_cli_from_codes_dir_and_pickle(vqgan_dir, tmp_path):
         png = np.asarray(Image.open(tmp_path / "png" / f"{image_id}.png"))
         assert png.shape == (32, 32)
         assert np.abs(png.astype(int) - expected[i]).max() <= 1  # device-sharded vs direct: float rounding only
+
+    (tmp_path / "png" / "x2.png").unlink()  # as if interrupted: a rerun decodes only what is missing
+    before = (tmp_path / "png" / "x1.png").stat().st_mtime_ns
+    decode_cli.main(["--vqgan", str(vqgan_dir), "--codes", str(tmp_path / "codes"), "--out", str(tmp_path / "png")])
+    assert "decoded 1, skipped 2" in capsys.readouterr().err
+    assert (tmp_path / "png" / "x1.png").stat().st_mtime_ns == before and (tmp_path / "png" / "x2.png").exists()
 
     codes_lib.export_pickle(CodesDir.open(tmp_path / "codes"), tmp_path / "codes.pickle")
     decode_cli.main(["--vqgan", str(vqgan_dir), "--codes", str(tmp_path / "codes.pickle"), "--out",

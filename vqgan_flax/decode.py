@@ -3,11 +3,13 @@
     python -m vqgan_flax.decode --vqgan DIR --codes CODES_DIR_OR_PICKLE --out DIR [--batch_size N]
 
 CODES may be a codes directory (its VQ-GAN fingerprint must match DIR's) or the original's pickle
-`dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png.
+`dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png,
+each whole or not at all; a rerun skips the ids whose PNG is already there, so an interrupted run resumes.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vqgan_flax import checkpoint
+from vqgan_flax.atomic import write_atomic
 from vqgan_flax.codes import CodesDir, CodesError, read_pickle
 from vqgan_flax.images import postprocess
 from vqgan_flax.model import VQGAN
@@ -47,18 +50,22 @@ def _check_ids(ids: Iterable[str], source: Path) -> None:
         raise CodesError(f"{source}: ids that are not usable as file names: {bad[:10]}")
 
 
-def decode_to_pngs(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch_size: int = 32) -> None:
+def decode_to_pngs(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch_size: int = 32) -> int:
+    """Write OUT/<id>.png for the ids without one yet; returns how many were decoded."""
     out.mkdir(parents=True, exist_ok=True)
     decode = DataParallel(VQGAN.decode, model, batch_size)
     batch_size = decode.batch_size  # a multiple of the device count
-    ids = sorted(codes)
+    ids = sorted(i for i in codes if not (out / f"{i}.png").exists())
     with tqdm(total=len(ids), unit="img", desc="decode") as bar:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
             images = postprocess(decode(np.stack([codes[i] for i in chunk]).astype(np.int32)))
             for image_id, image in zip(chunk, images):
-                Image.fromarray(image).save(out / f"{image_id}.png")
+                png = io.BytesIO()
+                Image.fromarray(image).save(png, format="PNG")
+                write_atomic(out / f"{image_id}.png", png.getvalue())
             bar.update(len(chunk))
+    return len(ids)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,9 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         model = checkpoint.load(args.vqgan)
         codes = read_codes(Path(args.codes), model, checkpoint.read_fingerprint(args.vqgan))
         _check_ids(codes, Path(args.codes))
-        decode_to_pngs(model, codes, Path(args.out), args.batch_size)
+        decoded = decode_to_pngs(model, codes, Path(args.out), args.batch_size)
     except (ValueError, OSError) as err:  # OSError: e.g. --out is a file or not writable
         raise SystemExit(f"error: {err}") from err
+    print(f"decoded {decoded}, skipped {len(codes) - decoded} already in {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
