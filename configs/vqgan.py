@@ -37,7 +37,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(base_lr=4.5e-6, scale_lr=True, b1=0.5, b2=0.9, eps=1e-8))
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
     c.train = ml_collections.ConfigDict(dict(
-        global_batch_size=16, num_steps=200_000, log_every=50, eval_every=2000, image_every=2000,
+        # micro_batches k > 1: both optimizers step once per k micro-batches (Lightning's accumulate_grad_batches);
+        # global_batch_size counts all k of them, so the learning rate scales as taming's main.py scales it.
+        global_batch_size=16, micro_batches=1, num_steps=200_000, log_every=50, eval_every=2000, image_every=2000,
         checkpoint_every=2000, keep_checkpoints=5, async_checkpoints=True, progress=True, dead_code_steps=1000,
         restart_dead_codes=False))  # True: codes unused for dead_code_steps move onto batch latents (not taming)
     c.export_dir = ""  # "" = WORKDIR/export

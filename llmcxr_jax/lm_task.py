@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llmcxr_jax import trainer
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 
 LOSS_MODES = ("global", "original")
@@ -117,13 +118,6 @@ def model_statistics(model: GPTNeoX, ids: jax.Array, weights: jax.Array, cfg: LM
     return token_statistics(model(ids), ids, weights, cfg.image_offset)
 
 
-def _split_micro_batches(x: jax.Array, k: int) -> jax.Array:
-    """(B, ...) → (k, B/k, ...), interleaved (micro-batch i = rows i::k) so each keeps the batch sharding."""
-    if x.shape[0] % k:
-        raise ValueError(f"global batch {x.shape[0]} is not divisible by train.micro_batches={k}")
-    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-
-
 def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig,
                schedule: optax.Schedule) -> dict[str, jax.Array]:
     """One optimizer update over `cfg.micro_batches` accumulated micro-batches; mutates `state`, returns metrics."""
@@ -139,7 +133,7 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
         (loss, stats), grads = grad_fn(params, batch["input_ids"], batch["loss_weights"], scales)
     else:
         k = cfg.micro_batches
-        xs = tuple(_split_micro_batches(x, k) for x in (batch["input_ids"], batch["loss_weights"], scales))
+        xs = tuple(trainer.split_micro_batches(x, k) for x in (batch["input_ids"], batch["loss_weights"], scales))
 
         def accumulate(carry, mb):
             (loss_mb, stats_mb), grads_mb = grad_fn(params, *mb)
@@ -191,7 +185,7 @@ def model_config_from(config: Any) -> GPTNeoXConfig:
 def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps: int,
                metadata: dict[str, Any]) -> Any:
     """The LM as a task of the generic loop: fresh, from an HF directory (stage 1) or a stage-1 workdir (stage 2)."""
-    from llmcxr_jax import checkpoint, convert, optim, trainer
+    from llmcxr_jax import checkpoint, convert, optim
     from llmcxr_jax.model import extend_vocab
 
     model_cfg = model_config_from(config)

@@ -18,7 +18,7 @@ from absl import app, logging
 
 from llmcxr_jax import parallel, train, trainer, vqgan_task
 from llmcxr_jax.data import image_builder
-from llmcxr_jax.train import FLAGS  # --config, --workdir, --dry_run (and the LM-only --topology)
+from llmcxr_jax.train import FLAGS  # --config, --workdir, --dry_run, --topology
 
 EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the training ones (as cxr_phantoms' test)
 
@@ -26,10 +26,14 @@ EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the 
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     """Errors a user can cause, caught before anything is built."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = config.train.global_batch_size
-    if batch % shards or batch % jax.process_count():
-        raise ValueError(f"train.global_batch_size={batch} must divide over the {shards} data×fsdp shards of mesh "
-                         f"{dict(mesh.shape)} and the {jax.process_count()} processes")
+    batch, k = config.train.global_batch_size, config.train.micro_batches
+    if batch < 1 or k < 1:
+        raise ValueError(f"train.global_batch_size={batch} and train.micro_batches={k} must be at least 1")
+    if batch % k or (batch // k) % shards:
+        raise ValueError(f"train.global_batch_size={batch} must split into train.micro_batches={k} micro-batches that "
+                         f"each divide over the {shards} data×fsdp shards of mesh {dict(mesh.shape)}")
+    if batch % jax.process_count():
+        raise ValueError(f"train.global_batch_size={batch} is not divisible by {jax.process_count()} processes")
     if config.train.num_steps <= 0:
         raise ValueError("train.num_steps must be > 0 (VQ-GAN training runs for a number of steps)")
 
@@ -52,13 +56,17 @@ def image_sources(config: Any) -> tuple[Any, Any]:
                                 "first (llmcxr_jax.data.image_builder.CxrImages, or cxr_phantoms)") from None
 
 
-def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None, dry: bool = False) -> str | None:
+def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None, dry: bool = False,
+        topology: str = "") -> str | None:
     """Train, then export; returns the export's fingerprint (None when stopped early, e.g. by SIGTERM, and on every
     process but 0, which alone writes the export).
 
-    `mesh` defaults to `config.mesh.shape` over all devices. `dry`: compile one step and report memory only.
+    `mesh` defaults to `config.mesh.shape` over all devices. `dry`: compile one step and report memory only, for
+    the TPU `topology` when one is named (ahead of time, no TPU needed).
     """
     parallel.initialize(config.distributed)
+    if topology:
+        mesh = train.topology_mesh(topology, config.mesh.shape)
     mesh = mesh or parallel.make_mesh(config.mesh.shape)
     check_config(config, mesh)
     if dry:
@@ -102,12 +110,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None or not (FLAGS.workdir or FLAGS.dry_run):
         raise app.UsageError("--config (e.g. configs/vqgan.py:demo) and --workdir (or --dry_run) are required")
-    if FLAGS.topology:
-        raise app.UsageError("--topology is implemented for the LM stages only")
+    if FLAGS.topology and not FLAGS.dry_run:
+        raise app.UsageError("--topology only makes sense with --dry_run")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     parallel.enable_compilation_cache()
     try:
-        run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run)
+        run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 

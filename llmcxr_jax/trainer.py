@@ -186,6 +186,13 @@ def batch_shardings(task: Task, mesh: Mesh, rules: parallel.Rules) -> dict[str, 
             for k, axes in task.batch_axes.items()}
 
 
+def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) → (k, B/k, ...), interleaved (micro-batch i = rows i::k) so each keeps the batch sharding."""
+    if x.shape[0] % k:
+        raise ValueError(f"global batch {x.shape[0]} is not divisible by train.micro_batches={k}")
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
 def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """Process-local numpy rows → global arrays (each process holds its slice of the batch axis)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}

@@ -2,9 +2,9 @@
 
 One step per batch, as taming's VQModel ran under pytorch-lightning 1.0.8 with two optimizers: the generator
 (encoder, quantizer, decoder) steps on the autoencoder loss, then the discriminator steps on a fresh forward pass
-of the updated generator. Both are Adam(β 0.5, 0.9) at lr = base_lr × global batch (taming's main.py scaling
-with one accumulation step). The losses are `vqgan_flax.losses`. Batches are `{"images": float32 (B, H, W, 3)}`
-in [-1, 1]. Parameters are replicated (the largest model has 72 M); the batch is split over (data, fsdp).
+of the updated generator. Both are Adam(β 0.5, 0.9) at lr = base_lr × global batch (taming's main.py scaling;
+`train.micro_batches` is its accumulate_grad_batches). The losses are `vqgan_flax.losses`. Batches are
+`{"images": float32 (B, H, W, 3)}` in [-1, 1]. Parameters are replicated (the largest model has 72 M); the batch is split over (data, fsdp).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class StepConfig:
     loss: losses.LossConfig
     lr: float
     seed: int = 0
+    micro_batches: int = 1  # Lightning's accumulate_grad_batches: both optimizers step once per k micro-batches
     dead_after: int = 1000  # a code unused for this many steps counts as dead
     restart_dead: bool = False  # move dead codes onto encoder outputs of the batch (not in taming)
 
@@ -70,21 +71,38 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     With `loss.disc_factor == 0` (no GAN, ever) there is no discriminator step: taming's would see zero
     gradients, leaving D's weights as they are; only its BatchNorm running statistics, which no train-mode
     pass reads, would have moved.
+
+    With `micro_batches` k > 1 the batch is split as for the LM and taken in Lightning 1.0.8's order: each of
+    the first k-1 micro-batches adds generator, then discriminator gradients (D's running statistics move, no
+    weight does); the last adds its generator gradients, the generator steps on the mean, then D sees the
+    updated generator on that micro-batch and steps on its mean. Metrics are means over micro-batches.
     """
-    images = batch["images"]
-    step = state.gen_optimizer.step[...]  # batches done = Lightning's global_step
+    step = state.gen_optimizer.step[...]  # optimizer steps done = Lightning's global_step
     factor = losses.disc_factor(step, cfg.loss)
     rng = jax.random.fold_in(jax.random.key(cfg.seed), step)  # LPIPS head dropout; same on every mesh
+    k = cfg.micro_batches
+    micro = trainer.split_micro_batches(batch["images"], k)
+    micro_rngs = jax.random.split(rng, k) if k > 1 else rng[None]
+    if k > 1:  # first: their passes move D's running statistics before the last micro-batch's do
+        earlier = accumulate_micro_batches(state, micro[:-1], micro_rngs[:-1], factor, cfg.loss)
+    images = micro[-1]
     grads, metrics, codes = losses.generator_grads(state.model, state.discriminator, state.lpips, images, factor,
-                                                   cfg.loss, rng)
-    state.gen_optimizer.update(state.model, grads)
+                                                   cfg.loss, micro_rngs[-1])
     gan = cfg.loss.disc_factor != 0
+    if k > 1:
+        grads = jax.tree.map(lambda total, last: (total + last) / k, earlier["grads"], grads)
+        metrics = jax.tree.map(lambda each, last: (each.sum(0) + last) / k, earlier["metrics"], metrics)
+        codes = jnp.concatenate([earlier["codes"].reshape(-1, *codes.shape[1:]), codes])
+    state.gen_optimizer.update(state.model, grads)
     d_metrics = {}
     if gan or cfg.restart_dead:
         latents = state.model.encode_latents(images)  # the updated generator's (taming's D step runs it anew)
     if gan:
         reconstructions = state.model.decode_latents(state.model.quantize(latents).z_q)
         d_grads, d_metrics = losses.discriminator_grads(state.discriminator, images, reconstructions, factor)
+        if k > 1:
+            d_grads = jax.tree.map(lambda total, last: (total + last) / k, earlier["d_grads"], d_grads)
+            d_metrics = jax.tree.map(lambda each, last: (each.sum(0) + last) / k, earlier["d_metrics"], d_metrics)
         state.disc_optimizer.update(state.discriminator, d_grads)
         d_metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
 
@@ -99,6 +117,34 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
     dead = jnp.sum(dead_mask).astype(jnp.float32)
     return {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads), "lr": jnp.float32(cfg.lr),
             "perplexity": perplexity, "codes_used": used, "dead_codes": dead, "steps": jnp.ones((), jnp.float32)}
+
+
+def accumulate_micro_batches(state: VQGANTrainState, micro: jax.Array, rngs: jax.Array, factor: jax.Array,
+                             cfg: losses.LossConfig) -> dict[str, Any]:
+    """Lightning's accumulating batches, scanned: per micro-batch the generator's gradients (D judging its
+    reconstructions in train mode), then D's on a fresh forward pass of the same generator. Only D's running
+    statistics change (written back to `state`); returns gradient sums and per-micro-batch metrics and codes."""
+    d_graph, d_params, d_stats = nnx.split(state.discriminator, nnx.Param, nnx.BatchStat)
+    gan = cfg.disc_factor != 0
+
+    def one(carry, xs):
+        stats, sums = carry
+        images, rng = xs
+        disc = nnx.merge(d_graph, d_params, stats, copy=True)
+        grads, metrics, codes = losses.generator_grads(state.model, disc, state.lpips, images, factor, cfg, rng)
+        sums = {**sums, "grads": jax.tree.map(jnp.add, sums["grads"], grads)}
+        outputs = {"metrics": metrics, "codes": codes}
+        if gan:
+            d_grads, outputs["d_metrics"] = losses.discriminator_grads(disc, images, state.model(images)[0], factor)
+            sums["d_grads"] = jax.tree.map(jnp.add, sums["d_grads"], d_grads)
+        return (nnx.state(disc, nnx.BatchStat), sums), outputs
+
+    zeros = {"grads": jax.tree.map(jnp.zeros_like, nnx.state(state.model, nnx.Param))}
+    if gan:
+        zeros["d_grads"] = jax.tree.map(jnp.zeros_like, d_params)
+    (d_stats, sums), outputs = jax.lax.scan(one, (d_stats, zeros), (micro, rngs))
+    nnx.update(state.discriminator, d_stats)
+    return {**sums, **outputs}
 
 
 def restart_dead_codes(state: VQGANTrainState, latents: jax.Array, dead_mask: jax.Array, done: jax.Array,
@@ -229,8 +275,8 @@ def build_task(config: Any, preview: np.ndarray | None = None) -> trainer.Task:
         raise ValueError(f"config.model.dropout={vq_cfg.dropout}: training supports dropout 0 only (LLM-CXR's value)")
     lr = learning_rate(config)
     tx = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps)
-    step_cfg = StepConfig(loss=loss_cfg, lr=lr, seed=config.seed, dead_after=config.train.dead_code_steps,
-                          restart_dead=config.train.restart_dead_codes)
+    step_cfg = StepConfig(loss=loss_cfg, lr=lr, seed=config.seed, micro_batches=config.train.micro_batches,
+                          dead_after=config.train.dead_code_steps, restart_dead=config.train.restart_dead_codes)
     use_lpips = loss_cfg.perceptual_weight > 0
     metadata = {"task": "vqgan", "vqgan_config": vq_cfg.to_dict(), "loss_config": dataclasses.asdict(loss_cfg)}
 
