@@ -4,7 +4,8 @@ One step per batch, as taming's VQModel ran under pytorch-lightning 1.0.8 with t
 (encoder, quantizer, decoder) steps on the autoencoder loss, then the discriminator steps on a fresh forward pass
 of the updated generator. Both are Adam(β 0.5, 0.9) at lr = base_lr × global batch (taming's main.py scaling;
 `train.micro_batches` is its accumulate_grad_batches). The losses are `vqgan_flax.losses`. Batches are
-`{"images": float32 (B, H, W, 3)}` in [-1, 1]. Parameters are replicated (the largest model has 72 M); the batch is split over (data, fsdp).
+`{"images": float32 (B, H, W, 3)}` in [-1, 1]. Parameters are replicated (the largest model has 72 M); the batch
+is split over (data, fsdp).
 """
 
 from __future__ import annotations
@@ -90,8 +91,7 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
                                                    cfg.loss, micro_rngs[-1])
     gan = cfg.loss.disc_factor != 0
     if k > 1:
-        grads = jax.tree.map(lambda total, last: (total + last) / k, earlier["grads"], grads)
-        metrics = jax.tree.map(lambda each, last: (each.sum(0) + last) / k, earlier["metrics"], metrics)
+        grads, metrics = _with_earlier(earlier["grads"], earlier["metrics"], grads, metrics, k)
         codes = jnp.concatenate([earlier["codes"].reshape(-1, *codes.shape[1:]), codes])
     state.gen_optimizer.update(state.model, grads)
     d_metrics = {}
@@ -101,8 +101,7 @@ def train_step(state: VQGANTrainState, batch: dict[str, jax.Array], cfg: StepCon
         reconstructions = state.model.decode_latents(state.model.quantize(latents).z_q)
         d_grads, d_metrics = losses.discriminator_grads(state.discriminator, images, reconstructions, factor)
         if k > 1:
-            d_grads = jax.tree.map(lambda total, last: (total + last) / k, earlier["d_grads"], d_grads)
-            d_metrics = jax.tree.map(lambda each, last: (each.sum(0) + last) / k, earlier["d_metrics"], d_metrics)
+            d_grads, d_metrics = _with_earlier(earlier["d_grads"], earlier["d_metrics"], d_grads, d_metrics, k)
         state.disc_optimizer.update(state.discriminator, d_grads)
         d_metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
 
@@ -145,6 +144,13 @@ def accumulate_micro_batches(state: VQGANTrainState, micro: jax.Array, rngs: jax
     (d_stats, sums), outputs = jax.lax.scan(one, (d_stats, zeros), (micro, rngs))
     nnx.update(state.discriminator, d_stats)
     return {**sums, **outputs}
+
+
+def _with_earlier(earlier_sum: Any, earlier_each: Any, grads: Any, metrics: Any, k: int) -> tuple[Any, Any]:
+    """Means over all k micro-batches of the last one's gradients and metrics and the earlier ones' (gradients
+    summed, metrics stacked by `accumulate_micro_batches`)."""
+    return (jax.tree.map(lambda total, last: (total + last) / k, earlier_sum, grads),
+            jax.tree.map(lambda each, last: (each.sum(0) + last) / k, earlier_each, metrics))
 
 
 def restart_dead_codes(state: VQGANTrainState, latents: jax.Array, dead_mask: jax.Array, done: jax.Array,

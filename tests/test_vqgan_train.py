@@ -407,8 +407,8 @@ def test_dry_run_compiles_one_step_and_reports_memory():
 def test_dry_run_compiles_accumulation_ahead_of_time_for_a_tpu_pod():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-m", "llmcxr_jax.train_vqgan", "--config", str(root / "configs/vqgan.py:tiny"),
-                          "--dry_run", "--topology", "v5p:2x2x2", "--config.train.global_batch_size=16",
+    out = subprocess.run([sys.executable, "-m", "llmcxr_jax.train_vqgan", "--config",
+                          str(root / "configs/vqgan.py:tiny"), "--dry_run", "--topology", "v5p:2x2x2", "--config.train.global_batch_size=16",
                           "--config.train.micro_batches=2", "--config.loss.disc_start=0"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
