@@ -10,12 +10,14 @@
 # on every worker (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/bucket`). Checkpoints, TensorBoard events and the
 # tokenizer are written through local paths, so a gs:// workdir is refused.
 # The repository must already be on every worker (e.g. `gcloud ... ssh --worker=all --command "git clone ..."`)
-# with `pip install -e '.[data,tpu]'` done there. Extra arguments go to llmcxr_jax.train.
+# with `pip install -e '.[data,tpu]'` done there. Extra arguments go to llmcxr_jax.train, or to the VQ-GAN trainer
+# with MODULE=llmcxr_jax.train_vqgan.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
 REPO_DIR=${REPO_DIR:-llmcxr-jax}
+MODULE=${MODULE:-llmcxr_jax.train}
 ARGS=$(printf ' %q' "$@")
 DATA_FLAG=${DATA_DIR:+--config.data.data_dir=$DATA_DIR}
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $REPO_DIR && JAX_PLATFORMS=tpu python -m llmcxr_jax.train --workdir $WORKDIR \
+  "cd $REPO_DIR && JAX_PLATFORMS=tpu python -m $MODULE --workdir $WORKDIR \
    --config.distributed.coordinator_address=auto $DATA_FLAG $ARGS"

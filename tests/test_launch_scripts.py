@@ -1,0 +1,63 @@
+"""The multi-host launchers run the program they are told to on every worker, with the user's arguments intact.
+
+`srun`, `gcloud` and `python` are stand-ins on PATH that run or record what the scripts hand them, so the scripts'
+own quoting and environment are what is tested.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRICKY = "--config.data.data_dir=/data/with space/tfds"
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A bin dir whose `python` writes its argv (one per line) and CUDA_VISIBLE_DEVICES to $RECORD."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "python", 'printf "%s\\n" "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" "$@" > "$RECORD"\n')
+    # srun: drop its own options, run the task as SLURM's local rank 3 would
+    _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done; SLURM_LOCALID=3 exec "$@"\n')
+    # gcloud: run the --command string where the worker would (REPO_DIR is relative to the home directory)
+    _stub(bin_dir, "gcloud", 'for a in "$@"; do case "$a" in --command) next=1;; *) [ -n "$next" ] && cmd="$a" '
+                             'next=;; esac; done; cd "$HOME" && exec bash -c "$cmd"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(tmp_path / "argv"), HOME=str(tmp_path))
+    (tmp_path / "llmcxr-jax").mkdir()
+    return env, tmp_path / "argv"
+
+
+@pytest.mark.parametrize("module", [None, "llmcxr_jax.train_vqgan"])
+def test_slurm_script_runs_the_module_on_the_tasks_own_gpu(stubs, module):
+    env, record = stubs
+    if module:
+        env["MODULE"] = module
+    subprocess.run(["bash", str(ROOT / "launch/slurm_gpu.sbatch"), "--config", "configs/vqgan.py", TRICKY],
+                   env=env, check=True, timeout=60)
+    assert record.read_text().splitlines() == [
+        "CUDA_VISIBLE_DEVICES=3", "-m", module or "llmcxr_jax.train", "--config", "configs/vqgan.py", TRICKY,
+        "--config.distributed.local_device_ids=0"]
+
+
+@pytest.mark.parametrize("module", [None, "llmcxr_jax.train_vqgan"])
+def test_tpu_pod_script_runs_the_module_with_automatic_cluster_detection(stubs, module):
+    env, record = stubs
+    env.update(TPU="pod", ZONE="zone", WORKDIR="/mnt/runs/r1")
+    if module:
+        env["MODULE"] = module
+    subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "--config", "configs/vqgan.py", TRICKY], env=env,
+                   check=True, timeout=60)
+    assert record.read_text().splitlines() == [
+        "CUDA_VISIBLE_DEVICES=", "-m", module or "llmcxr_jax.train", "--workdir", "/mnt/runs/r1",
+        "--config.distributed.coordinator_address=auto", "--config", "configs/vqgan.py", TRICKY]
