@@ -133,6 +133,27 @@ def test_pickle_import_export(tmp_path):
     assert codes_lib.read_pickle(tmp_path / "back.pickle", TINY.grid, TINY.num_codes)[1] == set(bad)
 
 
+def test_pickle_of_numpy_integers_reads_as_lists_do(tmp_path):
+    """Arrays and numpy integers (as `list(array)` or `array` per id would pickle them) hold the same codes;
+    validity follows the original's loader for them too, and an empty entry is invalid, not an error."""
+    lists = {f"id{i}": random_codes(1, i).reshape(-1).tolist() for i in range(3)}
+    lists.update(big=[0] * 255 + [64], negative=[-1] * 256, short=[1] * 255, empty=[])
+    variants = {"arrays": {k: np.asarray(v, np.int64) for k, v in lists.items()},
+                "numpy ints": {k: [np.int32(c) for c in v] for k, v in lists.items()},
+                "unsigned": {k: np.asarray(v, np.uint16) for k, v in lists.items() if k != "negative"}}
+    (tmp_path / "lists.pickle").write_bytes(pickle.dumps(lists))
+    want_codes, want_invalid = codes_lib.read_pickle(tmp_path / "lists.pickle", TINY.grid, TINY.num_codes)
+    assert sorted(want_codes) == ["id0", "id1", "id2"] and want_invalid == {"big", "negative", "short", "empty"}
+    for name, content in variants.items():
+        path = tmp_path / f"{name}.pickle"
+        path.write_bytes(pickle.dumps(content))
+        codes, invalid = codes_lib.read_pickle(path, TINY.grid, TINY.num_codes)
+        assert invalid == want_invalid - ({"negative"} if name == "unsigned" else set()), name
+        assert codes.keys() == want_codes.keys(), name
+        for key, grid in want_codes.items():
+            np.testing.assert_array_equal(codes[key], grid, err_msg=f"{name} {key}")
+
+
 def test_encoded_directory_has_no_invalid_ids_and_a_writer_keeps_them_apart(tmp_path):
     writer = CodesWriter(tmp_path, META)
     writer.write(["a"], random_codes(1))
@@ -157,7 +178,10 @@ class Payload:
 
 @pytest.mark.parametrize("content, message", [
     ({"a": Payload()}, "refusing to unpickle builtins.print"),
-    ({"a": np.zeros(256, np.int64)}, "refusing to unpickle numpy"),
+    ({"a": np.array([Payload()] * 256, dtype=object)}, "not a readable pickle: ValueError: numpy dtype object"),
+    ({"a": np.ma.masked_array(np.zeros(256, np.int64))}, "refusing to unpickle numpy.ma.core._mareconstruct"),
+    ({"a": np.zeros((16, 16), np.int64)}, "entry 'a' is not str -> list of int"),
+    ({"a": np.zeros(256, np.float32)}, "entry 'a' is not str -> list of int"),
     ({"a": (1, 2)}, "entry 'a' is not str -> list of int"),
     ({"a": [True] * 256}, "entry 'a' is not str -> list of int"),
     ([1, 2, 3], "expected a dict of id -> list of codes, got list"),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vqgan_flax.atomic import TMP_SUFFIX, write_atomic
-from vqgan_flax.safe_pickle import UnsafePickleError, restricted_load
+from vqgan_flax.safe_pickle import NUMERIC_NUMPY, UnsafePickleError, restricted_load
 
 META_FILE = "meta.json"
 INVALID_FILE = "invalid_ids.json"
@@ -245,13 +245,14 @@ def read_pickle(path: str | Path, grid: tuple[int, int],
     """The original's `dict[dicom_id -> list[int]]` as id -> int16 (h, w), and the ids of the invalid entries.
 
     Like LLM-CXR's loader, entries with len != h·w or max >= num_codes are invalid; so are (not in the
-    original) entries with negative codes, which no codebook can hold. The pickle may contain only dicts,
-    lists, str and int: anything else is refused without being constructed.
+    original) entries with negative codes, which no codebook can hold. Values may also be 1-D integer numpy
+    arrays or lists of numpy integers (what `list(array)` gives), which the original's loader reads alike.
+    Nothing else is constructed: other classes are refused unbuilt.
     """
     path = Path(path)
     try:
         with path.open("rb") as f:
-            obj = restricted_load(f, str(path), {}, "a dict of str -> list of int")
+            obj = restricted_load(f, str(path), NUMERIC_NUMPY, "a dict of str -> list of int (or integer arrays)")
     except OSError as err:
         raise CodesError(f"{path}: cannot open: {err}") from err
     except UnsafePickleError as err:
@@ -260,14 +261,31 @@ def read_pickle(path: str | Path, grid: tuple[int, int],
         raise CodesError(f"{path}: expected a dict of id -> list of codes, got {type(obj).__name__}")
     out, invalid = {}, set()
     for key, value in obj.items():
-        # exact types (bool is not a code); set(map(type, ...)) runs in C over ~10^8 values
-        if type(key) is not str or type(value) is not list or set(map(type, value)) - {int}:
+        extent = _code_extent(value)
+        if type(key) is not str or extent is None:
             raise CodesError(f"{path}: entry {key!r} is not str -> list of int")
-        if len(value) != grid[0] * grid[1] or max(value) >= num_codes or min(value) < 0:
+        length, largest, smallest = extent
+        if length != grid[0] * grid[1] or largest >= num_codes or smallest < 0:
             invalid.add(key)
             continue
         out[key] = np.asarray(value, dtype=np.int16).reshape(grid)
     return out, frozenset(invalid)
+
+
+def _code_extent(value: Any) -> tuple[int, int, int] | None:
+    """(length, max, min) of a list of ints or numpy integers or of a 1-D integer array; None for anything else.
+
+    Exact types: bool is not a code. `set(map(type, ...))` runs in C over the ~10^8 values of a MIMIC file.
+    """
+    if type(value) is np.ndarray:
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            return None
+        return (value.size, int(value.max()), int(value.min())) if value.size else (0, 0, 0)
+    if type(value) is not list:
+        return None
+    if any(t is not int and not issubclass(t, np.integer) for t in set(map(type, value))):
+        return None
+    return (len(value), int(max(value)), int(min(value))) if value else (0, 0, 0)
 
 
 def import_pickle(pickle_path: str | Path, out: str | Path, meta: CodesMeta,

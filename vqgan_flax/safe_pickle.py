@@ -5,6 +5,9 @@ import pickle
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
+import numpy as np
+from numpy._core import multiarray
+
 
 class UnsafePickleError(ValueError):
     """The file references a class or function outside the allowlist (or is not a valid pickle)."""
@@ -48,3 +51,32 @@ def restricted_load(file: IO[bytes], source: str, allowed: Mapping[tuple[str, st
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
         raise UnsafePickleError(f"{source}: not a readable pickle: {type(err).__name__}: {err}") from err
+
+
+def _numeric_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
+    dtype = np.dtype(spec, align=align, copy=copy)
+    if dtype.kind not in "biuf":
+        raise ValueError(f"numpy dtype {dtype} holds more than numbers")
+    return dtype
+
+
+def _numeric_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise ValueError(f"numpy scalar of {dtype!r} is not a plain number")
+    return multiarray.scalar(dtype, data)
+
+
+def _plain_array(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise ValueError(f"array subclass {subtype!r}")
+    return multiarray._reconstruct(subtype, shape, dtype_code)
+
+
+# numpy arrays and scalars of bool, int, uint or float dtypes (numpy 1's and 2's module names): a dtype that could
+# hold objects is refused when it is built, so an array's state can only be raw bytes, never Python objects.
+NUMERIC_NUMPY: Mapping[tuple[str, str], Any] = {
+    ("numpy", "dtype"): _numeric_dtype,
+    ("numpy", "ndarray"): np.ndarray,
+    **{(module, "scalar"): _numeric_scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_reconstruct"): _plain_array for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+}
