@@ -94,8 +94,10 @@ def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.shar
     graphdef, state, target = _abstract_params(cfg, mesh, rules)
     if step is not None:
         ckpts = TrainCheckpoints(directory, read_only=True)
-        params = ckpts.restore_subtree(step, {"model": target})["model"]
-        ckpts.close()
+        try:
+            params = ckpts.restore_subtree(step, {"model": target})["model"]
+        finally:
+            ckpts.close()
     else:
         with ocp.StandardCheckpointer() as ckptr:
             try:

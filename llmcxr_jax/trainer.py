@@ -232,31 +232,33 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
     batch_sh = batch_shardings(task, mesh, rules)
     ckpts = checkpoint.TrainCheckpoints(workdir, every=loop.checkpoint_every, keep=loop.keep_checkpoints,
                                         async_save=loop.async_checkpoints)
-    with jax.set_mesh(mesh), parallel.use_rules(rules):
-        start = ckpts.latest_step()
-        if start is not None:
-            if task.check_restored_metadata is not None:  # before reading any array: a clear error, not a shape one
-                task.check_restored_metadata(ckpts.read_meta(start))
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
-            pure, data_state, _ = ckpts.restore(start, target)
-            state = abstract
-            nnx.replace_by_pure_dict(state, pure)
-            train_iter.set_state(data_state)
-        elif task.initial_state is not None:
-            start, state = 0, task.initial_state(shardings)
-        else:
-            start, state = 0, jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
-        step_fn = compile_train_step(task, graphdef, shardings, batch_sh)
-        eval_fn = compile_eval_step(task, graphdef, shardings, batch_sh) if task.eval_step else None
-        image_fn = (lambda s: task.images(nnx.merge(graphdef, s))) if task.images else None
-        logger = _Logger(workdir, loop.total_steps, start, loop.progress)
-        try:
-            return _run(task, loop, state, start, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts,
-                        logger, image_fn, mesh)
-        finally:
-            ckpts.close()
-            logger.close()
+    try:  # closed on every path: a refused resume must not leave Orbax's threads running
+        with jax.set_mesh(mesh), parallel.use_rules(rules):
+            start = ckpts.latest_step()
+            if start is not None:
+                if task.check_restored_metadata is not None:  # before any array: a clear error, not a shape one
+                    task.check_restored_metadata(ckpts.read_meta(start))
+                target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+                pure, data_state, _ = ckpts.restore(start, target)
+                state = abstract
+                nnx.replace_by_pure_dict(state, pure)
+                train_iter.set_state(data_state)
+            elif task.initial_state is not None:
+                start, state = 0, task.initial_state(shardings)
+            else:
+                start, state = 0, jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
+            step_fn = compile_train_step(task, graphdef, shardings, batch_sh)
+            eval_fn = compile_eval_step(task, graphdef, shardings, batch_sh) if task.eval_step else None
+            image_fn = (lambda s: task.images(nnx.merge(graphdef, s))) if task.images else None
+            logger = _Logger(workdir, loop.total_steps, start, loop.progress)
+            try:
+                return _run(task, loop, state, start, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh,
+                            ckpts, logger, image_fn, mesh)
+            finally:
+                logger.close()
+    finally:
+        ckpts.close()
 
 
 def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger, image_fn,

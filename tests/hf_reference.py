@@ -37,5 +37,5 @@ def save_hf(model: transformers.PreTrainedModel, directory: Path, **kwargs) -> P
 
 def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray, attention_mask: np.ndarray | None = None):
     with torch.no_grad():
-        kwargs = {} if attention_mask is None else {"attention_mask": torch.as_tensor(attention_mask)}
-        return model(torch.as_tensor(ids), **kwargs).logits.float().numpy()
+        kwargs = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
+        return model(torch.tensor(ids), **kwargs).logits.float().numpy()  # copies: jax's arrays are read-only

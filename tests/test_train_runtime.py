@@ -246,13 +246,17 @@ def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, messag
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path):
+def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path, monkeypatch):
     config = load_config("stage1")
     run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 1)
     config.model.vocab_size = 144
+    closed = []
+    close = checkpoint.TrainCheckpoints.close
+    monkeypatch.setattr(checkpoint.TrainCheckpoints, "close", lambda self: closed.append(self) or close(self))
     with pytest.raises(ValueError, match=r"latest checkpoint \(resuming\): vocabulary size 128 differs from this "
                                          r"run's 144"):
         run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
+    assert len(closed) == 1  # the refused run's checkpoint manager: no Orbax threads left running
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
