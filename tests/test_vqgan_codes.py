@@ -176,10 +176,17 @@ class Payload:
         return (print, ("this must never run",))
 
 
+class NdarrayCall:
+    """Pickles as a call of numpy.ndarray itself, e.g. an object array of Nones: `np.ndarray((256,), "O")`."""
+    def __reduce__(self):
+        return (np.ndarray, ((256,), "O"))
+
+
 @pytest.mark.parametrize("content, message", [
     ({"a": Payload()}, "refusing to unpickle builtins.print"),
     ({"a": np.array([Payload()] * 256, dtype=object)}, "not a readable pickle: ValueError: numpy dtype object"),
     ({"a": np.ma.masked_array(np.zeros(256, np.int64))}, "refusing to unpickle numpy.ma.core._mareconstruct"),
+    ({"a": NdarrayCall()}, "not a readable pickle: TypeError"),  # numpy.ndarray is a marker, not a constructor
     ({"a": np.zeros((16, 16), np.int64)}, "entry 'a' is not str -> list of int"),
     ({"a": np.zeros(256, np.float32)}, "entry 'a' is not str -> list of int"),
     ({"a": (1, 2)}, "entry 'a' is not str -> list of int"),

@@ -66,17 +66,21 @@ def _numeric_scalar(dtype: Any, data: Any = None) -> Any:
     return multiarray.scalar(dtype, data)
 
 
+class _PlainArrayType:
+    """What `numpy.ndarray` resolves to: a marker `_reconstruct` accepts, never the class (which a pickle could call)."""
+
+
 def _plain_array(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
-    if subtype is not np.ndarray:
+    if subtype is not _PlainArrayType:
         raise ValueError(f"array subclass {subtype!r}")
-    return multiarray._reconstruct(subtype, shape, dtype_code)
+    return multiarray._reconstruct(np.ndarray, shape, dtype_code)
 
 
 # numpy arrays and scalars of bool, int, uint or float dtypes (numpy 1's and 2's module names): a dtype that could
 # hold objects is refused when it is built, so an array's state can only be raw bytes, never Python objects.
 NUMERIC_NUMPY: Mapping[tuple[str, str], Any] = {
     ("numpy", "dtype"): _numeric_dtype,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _PlainArrayType,
     **{(module, "scalar"): _numeric_scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(module, "_reconstruct"): _plain_array for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
 }
