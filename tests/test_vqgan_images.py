@@ -165,6 +165,19 @@ def test_compressed_dicom_without_decoder_names_the_packages(tmp_path, twelve_bi
     assert "pylibjpeg" in err.value.reason and "gdcm" in err.value.reason
 
 
+def test_malformed_dicom_is_an_image_load_error(tmp_path, twelve_bit):
+    """One bad file must be reported by name, not abort a dataset build with pydicom's own exception."""
+    window = write_dicom(tmp_path / "window.dcm", twelve_bit, "MONOCHROME2", VOILUTFunction="SIGMOID",
+                         WindowCenter=1, WindowWidth=0)
+    with pytest.raises(ImageLoadError, match="window.dcm: malformed DICOM: .*Window Width"):
+        load_image(window, dicom_mode="voi")
+    short = write_dicom(tmp_path / "syntax.dcm", twelve_bit, "MONOCHROME2", pixel_data=twelve_bit.tobytes()[:-2])
+    # a UID of the same length that is not a transfer syntax: pydicom's `is_compressed` raises on it
+    short.write_bytes(short.read_bytes().replace(str(ExplicitVRLittleEndian).encode(), b"1.2.840.10008.1.2.9"))
+    with pytest.raises(ImageLoadError, match=r"syntax.dcm: cannot decode pixel data.*is not a transfer syntax"):
+        load_image(short)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ImageLoadError, match="absent.jpg: cannot open"):
         load_image(tmp_path / "absent.jpg")

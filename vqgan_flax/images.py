@@ -84,13 +84,23 @@ def _pil_pixels(image: Image.Image, path: Path) -> np.ndarray:
 def _load_dicom(path: Path, mode: str) -> np.ndarray:
     try:  # pydicom is needed only for DICOM input (the `data` extra)
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as err:
         raise ImageLoadError(path, "reading DICOM needs pydicom: pip install pydicom") from err
     try:
         ds = pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as err:
+    except Exception as err:  # malformed headers raise many types (NotImplementedError, BytesLengthException, ...)
         raise ImageLoadError(path, f"not a readable DICOM file: {err}") from err
+    try:
+        return _dicom_pixels(ds, path, mode)
+    except ImageLoadError:
+        raise
+    except Exception as err:  # a malformed element or LUT; one bad file must not stop a dataset build
+        raise ImageLoadError(path, f"malformed DICOM: {type(err).__name__}: {err}") from err
+
+
+def _dicom_pixels(ds: pydicom.Dataset, path: Path, mode: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds:
         raise ImageLoadError(path, "DICOM file has no pixel data (PixelData element missing)")
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -110,7 +120,11 @@ def _load_dicom(path: Path, mode: str) -> np.ndarray:
 def _decode_failure(ds: pydicom.Dataset, err: Exception) -> str:
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-    if syntax is not None and syntax.is_compressed:
+    try:
+        compressed = syntax is not None and syntax.is_compressed
+    except ValueError:  # a UID that is not a transfer syntax at all
+        return f"cannot decode pixel data: {err} (TransferSyntaxUID {syntax} is not a transfer syntax)"
+    if compressed:
         return (f"cannot decode compressed pixel data ({syntax.name}): {err}. Install a pydicom decoder plugin: "
                 "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)")
     return f"cannot decode pixel data: {err}"
