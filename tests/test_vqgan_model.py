@@ -351,6 +351,19 @@ def test_tensor_views_outside_their_storage_are_refused(tmp_path):
         _restricted_torch_load(ckpt)  # where torch is not installed
 
 
+def test_a_crafted_checkpoint_cannot_change_how_later_ones_decode(tmp_path):
+    """BUILD on the FloatStorage stand-in (its dtype to int32) must not outlive the crafted file's own load."""
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4, dtype=torch.float32) / 4}}, good)
+    crafted = tmp_path / "crafted.ckpt"
+    with zipfile.ZipFile(crafted, "w") as archive:  # GLOBAL torch.FloatStorage; BUILD {"dtype": "<i4"}; {}
+        archive.writestr("archive/data.pkl", b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtype"
+                                             b"X\x03\x00\x00\x00<i4sb0}.")
+    with pytest.raises(UnsafePickleError, match="crafted.ckpt: not a readable pickle"):
+        _restricted_torch_load(crafted)
+    assert _restricted_torch_load(good)["state_dict"]["w"].tolist() == [0, 0.25, 0.5, 0.75]
+
+
 def test_restricted_reader_matches_torch_load(reference):
     """The fallback reader (used where torch is absent or refuses a file) rebuilds the same tensors."""
     ours = _restricted_torch_load(reference["ckpt"])

@@ -35,7 +35,13 @@ _STORAGE_DTYPES = {
 
 
 class _StorageType:
-    """Stand-in for torch.<X>Storage: only carries the element dtype."""
+    """Stand-in for torch.<X>Storage: only carries the element dtype.
+
+    A pickle can BUILD (set the state of) any object it holds, this one included, so each load gets fresh
+    instances (`_allowed`): a crafted file cannot change how a later one's storages decode.
+    """
+
+    __slots__ = ("dtype",)
 
     def __init__(self, dtype: Any):
         self.dtype = np.dtype(dtype)
@@ -77,12 +83,13 @@ def _rebuild_parameter(data: np.ndarray, *_ignored: Any) -> np.ndarray:
     return data
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
-}
+def _allowed() -> dict[tuple[str, str], Any]:
+    return {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+    }
 
 
 def _restricted_torch_load(path: Path) -> Any:
@@ -109,7 +116,7 @@ def _restricted_torch_load(path: Path) -> Any:
             return storages[key]
 
         with archive.open(pickles[0]) as f:
-            return restricted_load(f, str(path), _ALLOWED, "torch tensors and plain containers", persistent_load,
+            return restricted_load(f, str(path), _allowed(), "torch tensors and plain containers", persistent_load,
                                    stand_in=_stand_in)
 
 
