@@ -50,10 +50,20 @@ def image_sources(config: Any) -> tuple[Any, Any]:
 
     try:
         builder = tfds.builder(data.builder, data_dir=data.data_dir or None)
-        return builder.as_data_source(split=data.train_split), builder.as_data_source(split=data.eval_split)
+        train_source = builder.as_data_source(split=data.train_split)
     except Exception as e:  # TFDS raises several types for a dataset that was never prepared
         raise FileNotFoundError(f"data: cannot open {data.builder!r} in data_dir {data.data_dir!r}: {e}. Build it "
                                 "first (llmcxr_jax.data.image_builder.CxrImages, or cxr_phantoms)") from None
+    kept = builder.info.metadata.get("counts", {}).get("kept", {})
+    if data.eval_split not in builder.info.splits and kept.get(data.eval_split) == 0:
+        # CxrImages writes no empty split: a folder of fewer than ~1/validation_fraction images has no validation
+        print(f"data: {data.builder!r} has no {data.eval_split!r} images (its build put none there); training "
+              "without evaluation", flush=True)
+        return train_source, []
+    try:
+        return train_source, builder.as_data_source(split=data.eval_split)
+    except Exception as e:
+        raise ValueError(f"data.eval_split {data.eval_split!r}: {e}") from None
 
 
 def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None, dry: bool = False,

@@ -10,6 +10,8 @@ from PIL import Image
 from llmcxr_jax.data.cxr_phantoms_builder import CxrPhantoms, CxrPhantomsConfig
 from llmcxr_jax.data.image_builder import (CxrImages, CxrImagesConfig, ToModelInput, make_eval_iterator,
                                            make_image_iterator, phantom_records)
+from llmcxr_jax.train_vqgan import image_sources
+from train_helpers import load_config
 from vqgan_flax.images import load_image, preprocess
 
 SIZE = 32
@@ -151,4 +153,26 @@ def test_the_build_cli_makes_the_dataset_the_vqgan_config_reads(tmp_path, capsys
     printed = capsys.readouterr().out
     source = tfds.data_source("cxr_images/demo64", data_dir=tmp_path / "tfds", split="train")
     assert len(source) == 3 and source[0]["image"].shape == (64, 64, 1)
-    assert '"train": 3' in printed and '"skipped": 1' in printed
+    assert '"train": 3' in printed and '"skipped": 1' in printed and '"validation": 0' in printed
+
+    # So few images put none in validation, which then has no split: the trainer runs without evaluation.
+    config = load_config("vqgan", "tiny")
+    config.data.update(source="tfds", builder="cxr_images/demo64", data_dir=str(tmp_path / "tfds"))
+    train_source, eval_source = image_sources(config)
+    assert len(train_source) == 3 and eval_source == []
+    assert "has no 'validation' images (its build put none there)" in capsys.readouterr().out
+    config.data.eval_split = "valdation"
+    with pytest.raises(ValueError, match="data.eval_split 'valdation': .*Unknown split"):
+        image_sources(config)
+
+
+def test_images_differing_only_in_suffix_are_refused_before_any_decoding(tmp_path):
+    from llmcxr_jax.data import build
+
+    root = tmp_path / "images"
+    (root / "p10").mkdir(parents=True)
+    for name in ("p10/a.png", "p10/a.jpg", "b.png"):
+        Image.fromarray(_gradient(70, 80, 0)).save(root / name)
+    with pytest.raises(SystemExit, match=r"error: .*images: 1 images differ only in their suffix .*p10/a\.jpg, "
+                                         r"p10/a\.png$"):
+        build.main(["images", "--manual_dir", str(root), "--data_dir", str(tmp_path / "tfds"), "--config", "demo64"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import tensorflow_datasets as tfds
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", help="builder config(s); default: all of this kind")
     args = parser.parse_args(argv)
     configs = args.config or list(BUILDERS[args.kind][2])
-    counts = build(args.kind, args.data_dir, args.manual_dir, configs)
+    try:
+        counts = build(args.kind, args.data_dir, args.manual_dir, configs)
+    except (FileNotFoundError, ValueError) as e:  # missing or unusable source files: say which, no traceback
+        sys.exit(f"error: {e}")
     print(json.dumps({"skipped_and_kept": counts}, indent=2, default=str))
 
 

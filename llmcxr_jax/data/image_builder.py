@@ -98,6 +98,14 @@ def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dic
     if not files:
         raise mimic_files.ManualFilesMissingError(f"{root}: no {'/'.join(SUFFIXES)} files found (searched "
                                                   "recursively); put the chest X-rays there")
+    by_key: dict[str, list[str]] = {}
+    for p in files:  # an example's key is its path without the suffix: a.png and a.jpg would collide at the end
+        by_key.setdefault(p.relative_to(root).with_suffix("").as_posix(), []).append(p.relative_to(root).as_posix())
+    clashes = [names for names in by_key.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(", ".join(names) for names in clashes[:10])
+        raise ValueError(f"{root}: {len(clashes)} images differ only in their suffix (an image's id is its path "
+                         f"without the suffix), remove or rename one of each: {shown}")
     csv = root / mimic_files.SPLIT_CSV
     if not csv.is_file():
         relative = {p: p.relative_to(root).as_posix() for p in files}
