@@ -5,11 +5,10 @@ import collections
 import json
 import re
 
-import jax
 import numpy as np
 import pytest
 
-from llmcxr_jax.data.pipeline import make_eval_iterator, make_lm_iterator, to_global_arrays
+from llmcxr_jax.data.pipeline import make_eval_iterator, make_lm_iterator
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 LENGTHS = (128, 256, 512, 2048)
@@ -159,17 +158,6 @@ def test_eval_iterator_one_pass_padded(tok):
     counts = collections.Counter(real)
     assert {f"R{i}" for i in range(9)} <= counts.keys() and {"D0", "D1"} <= counts.keys()
     assert all(counts[f"R{i}"] == 1 for i in range(9))  # the large source is read once, nothing is shuffled away
-
-
-def test_to_global_arrays_shards_the_batch(tok):
-    it = make_lm_iterator({"dolly": dolly(20)}, tok, global_batch_size=8, process_index=0, process_count=1,
-                          lengths=LENGTHS)
-    batch = next(it)
-    mesh = jax.make_mesh((8,), ("data",))
-    out = to_global_arrays(batch, mesh, jax.sharding.PartitionSpec("data"))
-    assert out["input_ids"].shape == batch["input_ids"].shape and len(out["input_ids"].addressable_shards) == 8
-    assert out["input_ids"].sharding.spec == jax.sharding.PartitionSpec("data")
-    np.testing.assert_array_equal(np.asarray(out["loss_weights"]), batch["loss_weights"])
 
 
 def test_bad_configuration_is_refused(tok):

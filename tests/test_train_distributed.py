@@ -169,6 +169,37 @@ def test_each_process_restores_its_own_data_iterator_state(tmp_path):
         ckpts.close()
 
 
+_BATCH_WIDTHS = """
+import json
+import numpy as np
+from llmcxr_jax.data.pipeline import make_eval_iterator, make_lm_iterator
+from llmcxr_jax.tokenizer import LlmCxrTokenizer
+tok = LlmCxrTokenizer.from_pretrained(None)
+records = [{"dicom_id": f"d{i}", "report": f"Report {i}.", "codes": np.zeros(400 if i % 5 == 0 else 4, np.int16),
+            "direction": "cxr2report"} for i in range(40)]
+def rows(batch):  # each row's length: examples end with the weighted `### End`
+    return [int(np.flatnonzero(w).max()) + 1 if w.any() else 0 for w in batch["loss_weights"]]
+shape = dict(global_batch_size=4, lengths=(128, 1024), max_length=1024)
+out = {}
+for name, it in (("train", make_lm_iterator({"mimic": records}, tok, **shape)),
+                 ("eval", make_eval_iterator({"mimic": records}, tok, **shape))):
+    batches = [next(it) for _ in range(8)]
+    out[name] = [(b["input_ids"].shape[1], max(rows(b))) for b in batches]
+print(json.dumps(out))
+"""
+
+
+def test_processes_pad_each_batch_to_the_same_width():
+    """Each process reads its own rows; padding each to its own bucket would compile different steps per process
+    and mismatch their collectives."""
+    outs = [json.loads(out.strip().splitlines()[-1]) for out in _in_processes(_BATCH_WIDTHS, 2)]
+    for name in ("train", "eval"):
+        (widths_0, longest_0), (widths_1, longest_1) = (zip(*out[name]) for out in outs)
+        assert widths_0 == widths_1, name
+        assert list(widths_0) == [128 if max(a, b) <= 128 else 1024 for a, b in zip(longest_0, longest_1)], name
+        assert any((a <= 128) != (b <= 128) for a, b in zip(longest_0, longest_1)), f"{name}: no batch tests it"
+
+
 def _without_cluster(**extra: str) -> dict[str, str]:
     """This machine's environment without any launcher's variables, plus `extra`."""
     prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR")

@@ -35,16 +35,17 @@ def bucket_for(length: int, lengths: Sequence[int]) -> int:
     return lengths[i]
 
 
-def pad_batch(examples: Sequence[Example], batch_size: int, lengths: Sequence[int], pad_id: int = 0) -> dict:
-    """`input_ids` int32 and `loss_weights` float32, both (batch_size, bucket); rows past the examples are
+def pad_batch(examples: Sequence[Example], batch_size: int, width: int, pad_id: int = 0) -> dict:
+    """`input_ids` int32 and `loss_weights` float32, both (batch_size, width); rows past the examples are
     padding rows (all pad, weight 0), which only the eval iterator produces (a batch of none is all padding)."""
     if len(examples) > batch_size:
         raise ValueError(f"{len(examples)} examples do not fit a batch of {batch_size}")
-    width = bucket_for(max((len(e.input_ids) for e in examples), default=1), lengths)
     ids = np.full((batch_size, width), pad_id, np.int32)
     weights = np.zeros((batch_size, width), np.float32)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
+        if n > width:
+            raise ValueError(f"an example of {n} tokens does not fit a batch {width} wide")
         ids[row, :n] = example.input_ids
         weights[row, :n] = example.loss_weights
     return {"input_ids": ids, "loss_weights": weights}

@@ -21,19 +21,21 @@ Weights are keyed by mixing group: source names joined by "+"; the default is {"
 restricted to the sources given (SPEC §7).
 
 Batches: {"input_ids": int32 (B_local, L), "loss_weights": float32 (B_local, L)} with L one of `lengths`;
-`loss_weights[t]` is 1 where token t is a supervised target (the response and `### End`), else 0.
+`loss_weights[t]` is 1 where token t is a supervised target (the response and `### End`), else 0. With several
+JAX processes, L is the widest bucket any process needs for that batch (one small all-gather per batch), so every
+process compiles and runs the same step.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 
-from llmcxr_jax.data.batching import DEFAULT_LENGTHS, check_lengths, pad_batch
+from llmcxr_jax.data.batching import DEFAULT_LENGTHS, bucket_for, check_lengths, pad_batch
 from llmcxr_jax.data.formatting import KINDS, make_formatter
 from llmcxr_jax.data.mixing import mix_all_exhausted
 from llmcxr_jax.prompts import DEFAULT_SEED
@@ -42,7 +44,6 @@ from llmcxr_jax.tokenizer import LlmCxrTokenizer
 RecordSource = Sequence[Mapping[str, Any]]
 DEFAULT_WEIGHTS = {"mimic+vqa": 0.8, "dolly": 0.2}
 DEFAULT_MAX_LENGTH = 2048
-ARRAY_KEYS = ("input_ids", "loss_weights")
 _IN_THREAD = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
@@ -54,9 +55,11 @@ class LmIterator(grain.DatasetIterator):
     """
 
     def __init__(self, examples: grain.DatasetIterator, *, batch_size: int, lengths: tuple[int, ...],
-                 max_length: int, pad_id: int, num_batches: int | None, batches_per_epoch: int, pad_rows: bool):
+                 max_length: int, pad_id: int, num_batches: int | None, batches_per_epoch: int, pad_rows: bool,
+                 agree_width: Callable[[int], int] | None):
         super().__init__(examples)
         self.batch_size, self.lengths, self.max_length, self.pad_id = batch_size, lengths, max_length, pad_id
+        self.agree_width = agree_width
         self.num_batches, self.batches_per_epoch, self.pad_rows = num_batches, batches_per_epoch, pad_rows
         self.batches, self.dropped = 0, 0
 
@@ -75,7 +78,10 @@ class LmIterator(grain.DatasetIterator):
                 self.dropped += 1
                 continue
             rows.append(example)
-        batch = pad_batch(rows, self.batch_size, self.lengths, self.pad_id)
+        width = bucket_for(max((len(e.input_ids) for e in rows), default=1), self.lengths)
+        if self.agree_width is not None:
+            width = self.agree_width(width)
+        batch = pad_batch(rows, self.batch_size, width, self.pad_id)
         if self.pad_rows:
             batch["num_real"] = len(rows)
         self.batches += 1
@@ -121,6 +127,17 @@ def _processes(process_index: int | None, process_count: int | None, global_batc
     return index, count, global_batch_size // count
 
 
+def _width_agreement(count: int) -> Callable[[int], int] | None:
+    """With several JAX processes, the widest of their buckets for each batch: a process padding to its own
+    would compile a different step, and the collectives would not match. None for one process (or when
+    `process_count` only simulates several, as tests do)."""
+    if count == 1 or count != jax.process_count():
+        return None
+    from jax.experimental import multihost_utils
+
+    return lambda width: int(np.max(multihost_utils.process_allgather(np.int32(width))))
+
+
 def _group(sources: Mapping[str, RecordSource], members: Sequence[str], tokenizer: LlmCxrTokenizer, seed: int,
            part: slice) -> grain.MapDataset:
     """The formatted members of a group, sliced to `part`, concatenated in order."""
@@ -156,7 +173,7 @@ def make_lm_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrToken
     stream = mixed.shuffle(_seed(seed, 2)).repeat().to_iter_dataset(read_options or _IN_THREAD)
     return LmIterator(iter(stream), batch_size=batch_size, lengths=lengths, max_length=max_length,
                       pad_id=tokenizer.pad_id, num_batches=None if num_epochs is None else num_epochs * per_epoch,
-                      batches_per_epoch=per_epoch, pad_rows=False)
+                      batches_per_epoch=per_epoch, pad_rows=False, agree_width=_width_agreement(count))
 
 
 def make_eval_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrTokenizer, *, global_batch_size: int,
@@ -173,20 +190,5 @@ def make_eval_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrTok
     num_batches = math.ceil(math.ceil(len(mixed) / count) / batch_size)
     stream = mixed[index::count].to_iter_dataset(read_options or _IN_THREAD)
     return LmIterator(iter(stream), batch_size=batch_size, lengths=lengths, max_length=max_length,
-                      pad_id=tokenizer.pad_id, num_batches=num_batches, batches_per_epoch=num_batches, pad_rows=True)
-
-
-def to_global_arrays(batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
-                     batch_spec: jax.sharding.PartitionSpec) -> dict:
-    """This process's batch as global `jax.Array`s sharded by `batch_spec` (leading axis = batch) on `mesh`.
-
-    Every process passes its own rows; the global batch stacks them in process order. Keys other than
-    ARRAY_KEYS (e.g. `num_real`) pass through unchanged.
-    """
-    sharding = jax.sharding.NamedSharding(mesh, batch_spec)
-    out = dict(batch)
-    for key in ARRAY_KEYS:
-        local = np.asarray(batch[key])
-        out[key] = jax.make_array_from_process_local_data(
-            sharding, local, (local.shape[0] * jax.process_count(), *local.shape[1:]))
-    return out
+                      pad_id=tokenizer.pad_id, num_batches=num_batches, batches_per_epoch=num_batches, pad_rows=True,
+                      agree_width=_width_agreement(count))
