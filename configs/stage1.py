@@ -24,7 +24,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         DOLLY_V2_3B, dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_no_batch"))
     # Where the weights come from on a fresh run: an HF directory (stage 1) or a previous stage's workdir (stage 2).
-    c.init = ml_collections.ConfigDict(dict(hf_dir="", workdir=""))
+    # Neither: an error, unless from_scratch (random weights; the tests' and the phantom demo's small models).
+    c.init = ml_collections.ConfigDict(dict(hf_dir="", workdir="", from_scratch=False))
     c.tokenizer = ""  # "" = the packaged GPT-NeoX-20B tokenizer with LLM-CXR's layout; else a tokenizer.json dir
     c.vqgan = ml_collections.ConfigDict(dict(num_codes=1024, grid=16, fingerprint=""))
     c.data = ml_collections.ConfigDict(dict(
@@ -50,6 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.update(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=128, max_position_embeddings=128, dtype="float32", remat_policy="none")
         c.data.update(source="synthetic", seq_len=32)
+        c.init.from_scratch = True
         c.optim.update(lr=3e-3, schedule="constant")
         c.train.update(global_batch_size=8, num_steps=6, log_every=2, eval_every=0, checkpoint_every=3,
                        async_checkpoints=False, progress=False, loss_chunk=8)
@@ -61,6 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                        max_position_embeddings=512, rotary_pct=1.0, dtype="float32", remat_policy="none")
         c.data.update(dolly_builder="", lengths=(144, 152, 160, 192, 224), max_length=224)
+        c.init.from_scratch = True  # stage 1 of the demo; its stage 2 starts from stage 1's workdir
         c.vqgan.update(grid=8, num_codes=256)
         c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1, b2=0.95)
         c.train.update(global_batch_size=16, num_steps=500, log_every=25, eval_every=0, checkpoint_every=250,

@@ -64,8 +64,14 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     if config.train.loss_mode == "original" and (gbs // mbs) % config.train.loss_group_size:
         raise ValueError(f"loss_mode 'original' needs micro-batches divisible by loss_group_size="
                          f"{config.train.loss_group_size}")
+    if config.train.loss_chunk < 0:
+        raise ValueError(f"train.loss_chunk={config.train.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
+    trainer.check_loop_settings(config.train)
     if config.init.hf_dir and config.init.workdir:
         raise ValueError("set only one of init.hf_dir (stage 1) and init.workdir (stage 2)")
+    if not (config.init.hf_dir or config.init.workdir or config.init.from_scratch):
+        raise ValueError(f"stage {config.stage} needs weights to start from: init.hf_dir (stage 1: dolly-v2-3b) or "
+                         "init.workdir (stage 2: stage 1's workdir); init.from_scratch=True trains random weights")
 
 
 def token_metadata(config: Any) -> dict[str, Any]:

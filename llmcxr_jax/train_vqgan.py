@@ -36,6 +36,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         raise ValueError(f"train.global_batch_size={batch} is not divisible by {jax.process_count()} processes")
     if config.train.num_steps <= 0:
         raise ValueError("train.num_steps must be > 0 (VQ-GAN training runs for a number of steps)")
+    trainer.check_loop_settings(config.train)
 
 
 def image_sources(config: Any) -> tuple[Any, Any]:

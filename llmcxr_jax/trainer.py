@@ -71,6 +71,15 @@ class LoopConfig:
     progress: bool = True
 
 
+def check_loop_settings(train_config: Any) -> None:
+    """The `train.*` loop settings both trainers share; before any file is written."""
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        if train_config.get(key, 0) < 0:
+            raise ValueError(f"train.{key}={train_config[key]} must be >= 0 (0 = never)")
+    if train_config.keep_checkpoints < 1:  # Orbax's max_to_keep=0 deletes every checkpoint, the final one too
+        raise ValueError(f"train.keep_checkpoints={train_config.keep_checkpoints} must be at least 1")
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -293,6 +302,11 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                 logger.scalars(step, "train", values)
                 window, window_start, window_steps = None, time.perf_counter(), 0
             if save_now:
+                if not bool(_all_finite(state)):  # the loss and gradients came from the weights before the update
+                    raise NonFiniteLossError(
+                        f"the weights after step {step} are not finite (the batch drawn at data-iterator state "
+                        f"{batch_state}); training stopped; the last good checkpoint is kept and none was written "
+                        "for this step")
                 ckpts.save(step, nnx.to_pure_dict(state), train_iter.get_state(), task.metadata)
             if eval_fn is not None and eval_iter_fn is not None and loop.eval_every and (
                     step % loop.eval_every == 0 or last):
@@ -309,10 +323,21 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
     return state
 
 
+@jax.jit
+def _all_finite(state: Any) -> jax.Array:
+    """Whether every float array of the state is finite; run before each save only."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def _check_finite(metrics: dict[str, jax.Array], step: int, batch_state: dict[str, Any]) -> dict[str, float]:
+    """The step's metrics, checked before its state is saved: a finite loss with non-finite gradients (computed
+    from the weights before the update) would otherwise save a checkpoint of NaN weights."""
     values = _fetch(metrics)
-    if not math.isfinite(values["loss"]):
+    checked = {k: v for k, v in values.items() if k == "loss" or k.endswith("grad_norm")}
+    bad = [f"{k} is {v}" for k, v in checked.items() if not math.isfinite(v)]
+    if bad:
         raise NonFiniteLossError(
-            f"loss is {values['loss']} at step {step} (the batch drawn at data-iterator state {batch_state}); "
+            f"{', '.join(bad)} at step {step} (the batch drawn at data-iterator state {batch_state}); "
             "training stopped; the last good checkpoint is kept and none was written for this step")
     return values

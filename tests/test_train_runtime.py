@@ -231,6 +231,18 @@ def test_non_finite_loss_stops_with_step_and_batch(tmp_path):
     assert not (tmp_path / "w" / "checkpoints" / "2").exists()
 
 
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """Step 1's loss and gradients are finite (they come from the weights before its update), its update is not."""
+    config = load_config("stage1")
+    config.optim.lr = float("inf")
+    config.optim.clip_norm = 0.0
+    config.train.checkpoint_every = 1
+    with pytest.raises(trainer.NonFiniteLossError, match=r"the weights after step 1 are not finite \(the batch "
+                                                         r"drawn at data-iterator state \{'index': 0\}\)"):
+        run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
+    assert not [p for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 @pytest.mark.parametrize("override,message", [
     (["--config.train.nonexistent=1"], "nonexistent"),
     (["--config.mesh.shape=(1,3,1)"], "mesh shape (1, 3, 1) needs 3 devices, but 8 are available"),
@@ -239,6 +251,9 @@ def test_non_finite_loss_stops_with_step_and_batch(tmp_path):
     (["--config.train.micro_batches=0"], "train.micro_batches=0 must be at least 1"),
     (["--config.train.loss_mode=original", "--config.train.loss_group_size=0"],
      "train.loss_group_size=0 must be at least 1"),
+    (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1"),
+    (["--config.train.loss_chunk=-1"], "train.loss_chunk=-1 must be >= 0"),
+    (["--config.init.from_scratch=False"], "stage 1 needs weights to start from: init.hf_dir"),
 ])
 def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, message):
     out, _ = _train_cli(tmp_path / "w", 2, override).communicate(timeout=120)
