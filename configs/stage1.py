@@ -41,7 +41,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=16, micro_batches=1, num_epochs=5, num_steps=0, loss_mode="global", loss_group_size=2,
         loss_chunk=256,  # positions per chunk of LM head + cross-entropy; 0 = whole sequence at once
-        log_every=50, eval_every=1500, checkpoint_every=1000, keep_checkpoints=5, async_checkpoints=True,
+        # SPEC §9 "save every epoch, keep 5": epoch_checkpoints epoch ends are kept besides the latest
+        # keep_checkpoints of the periodic saves (which a preempted run resumes from).
+        log_every=50, eval_every=1500, checkpoint_every=1000, keep_checkpoints=5, epoch_checkpoints=5,
+        async_checkpoints=True,
         peak_flops_per_device=0.0, progress=True))
     # coordinator_address: "" = one process or a SLURM/Open MPI launch; "auto" = JAX finds the cluster (Cloud TPU).
     c.distributed = ml_collections.ConfigDict(dict(
@@ -67,7 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.vqgan.update(grid=8, num_codes=256)
         c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1, b2=0.95)
         c.train.update(global_batch_size=16, num_steps=500, log_every=25, eval_every=0, checkpoint_every=250,
-                       async_checkpoints=False, loss_chunk=0)
+                       epoch_checkpoints=0, async_checkpoints=False, loss_chunk=0)
     elif arg:
         raise ValueError(f"configs/stage1.py: unknown variant {arg!r}; expected '', 'demo' or 'tiny'")
     return c

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from flax import nnx
 
 from llmcxr_jax import parallel
@@ -182,24 +183,31 @@ class TrainCheckpoints:
     complete step.
     """
 
-    def __init__(self, workdir: str | Path, *, every: int = 0, keep: int = 1, async_save: bool = True,
-                 read_only: bool = False):
-        """`read_only` for reading someone else's workdir (stage 2's init, sampling, export): nothing is created,
+    def __init__(self, workdir: str | Path, *, every: int = 0, keep: int = 1, epoch_every: int = 0,
+                 keep_epochs: int = 0, async_save: bool = True, read_only: bool = False):
+        """Saves every `every` steps, keeping the latest `keep`; with `epoch_every` (an epoch's steps) also at each
+        epoch end, keeping the latest `keep_epochs` of those besides (the original's "save every epoch, keep 5").
+
+        `read_only` for reading someone else's workdir (stage 2's init, sampling, export): nothing is created,
         cleaned up or deleted there, and a directory without `checkpoints/` is an error naming it."""
         self.directory = local_path(workdir, "workdir").absolute() / "checkpoints"
-        self.every = every
+        self.every, self.epoch_every = every, epoch_every if keep_epochs else 0
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory}: missing; {self.directory.parent} is not a training workdir")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save and not read_only,
-            create=not read_only, read_only=read_only)
+        keeping: dict[str, Any] = {"max_to_keep": None if read_only else keep}
+        if self.epoch_every and not read_only:
+            keeping = {"preservation_policy": preservation.AnyPreservationPolicy([
+                preservation.LatestN(keep),
+                preservation.EveryNSteps(self.epoch_every, max_to_keep=keep_epochs)])}
+        options = ocp.CheckpointManagerOptions(**keeping, enable_async_checkpointing=async_save and not read_only,
+                                               create=not read_only, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        return any(n > 0 and step % n == 0 for n in (self.every, self.epoch_every))
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),

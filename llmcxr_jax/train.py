@@ -245,6 +245,7 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     loop = trainer.LoopConfig(
         total_steps=steps, log_every=config.train.log_every, eval_every=config.train.eval_every,
         checkpoint_every=config.train.checkpoint_every, keep_checkpoints=config.train.keep_checkpoints,
+        epoch_steps=steps_per_epoch or 0, keep_epoch_checkpoints=config.train.epoch_checkpoints,
         async_checkpoints=config.train.async_checkpoints, progress=config.train.progress)
     return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter,
                          eval_iter_fn=make_eval_data(config, task.batch_axes))

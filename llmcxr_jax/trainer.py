@@ -67,13 +67,15 @@ class LoopConfig:
     image_every: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 5
+    epoch_steps: int = 0  # > 0 with keep_epoch_checkpoints: also save at every epoch end
+    keep_epoch_checkpoints: int = 0
     async_checkpoints: bool = True
     progress: bool = True
 
 
 def check_loop_settings(train_config: Any) -> None:
     """The `train.*` loop settings both trainers share; before any file is written."""
-    for key in ("log_every", "eval_every", "checkpoint_every"):
+    for key in ("log_every", "eval_every", "checkpoint_every", "epoch_checkpoints"):
         if train_config.get(key, 0) < 0:
             raise ValueError(f"train.{key}={train_config[key]} must be >= 0 (0 = never)")
     if train_config.keep_checkpoints < 1:  # Orbax's max_to_keep=0 deletes every checkpoint, the final one too
@@ -240,6 +242,7 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
     graphdef, abstract, shardings = state_shardings(task, mesh, rules)
     batch_sh = batch_shardings(task, mesh, rules)
     ckpts = checkpoint.TrainCheckpoints(workdir, every=loop.checkpoint_every, keep=loop.keep_checkpoints,
+                                        epoch_every=loop.epoch_steps, keep_epochs=loop.keep_epoch_checkpoints,
                                         async_save=loop.async_checkpoints)
     try:  # closed on every path: a refused resume must not leave Orbax's threads running
         with jax.set_mesh(mesh), parallel.use_rules(rules):

@@ -49,6 +49,18 @@ def test_trains_and_evaluates_on_the_built_dataset(prepared, tmp_path):
     assert LlmCxrTokenizer.from_pretrained(tmp_path / "w").layout == tokenizer.layout  # saved for the sampler
 
 
+def test_epoch_ends_are_kept_besides_the_latest_checkpoints(prepared, tmp_path):
+    """SPEC §9 saves every epoch and keeps 5; periodic saves (here every step, keep 1) must not evict them."""
+    root, tokenizer = prepared
+    out = _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=0", "--config.train.num_epochs=3",
+                 "--config.train.eval_every=0", "--config.train.checkpoint_every=1",
+                 "--config.train.keep_checkpoints=1", "--config.train.epoch_checkpoints=2")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    kept = sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit())
+    epoch = kept[-1] // 3
+    assert epoch > 1 and kept == [2 * epoch, 3 * epoch], kept
+
+
 def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
     root, tokenizer = prepared
     out = _train(root, tokenizer, tmp_path / "w", "--config.vqgan.fingerprint=some-other-vqgan")
