@@ -25,6 +25,7 @@ from flax import nnx
 from llmcxr_jax import parallel
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, resolve_dtype
 from llmcxr_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_file
+from llmcxr_jax.tokenizer import LAYOUT_FILE
 
 # Registered buffers of older transformers checkpoints; they hold no weights.
 IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
@@ -91,6 +92,13 @@ def _hf_names(row: Row, num_layers: int) -> list[str]:
     return [row.hf.format(i=i) for i in range(num_layers)] if row.per_layer else [row.hf]
 
 
+# How transformers looks for weights, in its order: a stale index beside a newer single file is not read.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# LLM-CXR's metadata (token layout, VQ-GAN grid and fingerprint, provenance) beside an HF config.json.
+HF_METADATA_FILE = "llmcxr_metadata.json"
+
+
 class TensorSource:
     """Name → numpy tensor over an HF directory's weight files (single or sharded, safetensors or .bin)."""
 
@@ -98,20 +106,19 @@ class TensorSource:
         self.directory = directory
         self._files: dict[str, Path] = {}
         self._opened: dict[Path, Any] = {}
-        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = directory / index_name
-            if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ConversionError(f"{index}: not a valid index file ({e!r})") from None
-                self._files = {name: directory / fname for name, fname in weight_map.items()}
-                return
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            path = directory / single
-            if path.exists():
+        for name in WEIGHT_FILES:  # transformers' order, so both read the same weights
+            path = directory / name
+            if not path.exists():
+                continue
+            if not name.endswith(".index.json"):
                 self._files = {name: path for name in self._open(path).keys()}
                 return
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{path}: not a valid index file ({e!r})") from None
+            self._files = {name: directory / fname for name, fname in weight_map.items()}
+            return
         raise ConversionError(f"{directory}: no weights found (expected model.safetensors, "
                               "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
 
@@ -126,7 +133,10 @@ class TensorSource:
         return set(self._files)
 
     def get(self, name: str) -> np.ndarray:
-        return self._open(self._files[name]).get(name)
+        opened = self._open(self._files[name])
+        if name not in opened.keys():
+            raise ConversionError(f"{self._files[name]}: the index says it holds {name!r}, but it does not")
+        return opened.get(name)
 
     def file_of(self, name: str) -> Path:
         return self._files[name]
@@ -247,6 +257,9 @@ def save_hf_model(model: GPTNeoX, path: str | Path, *, max_shard_bytes: int = 5 
     """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`) that transformers loads."""
     cfg = model.config
     out = Path(path)
+    present = sorted(p.name for p in out.glob("*") if p.name in WEIGHT_FILES or p.name.startswith("model-"))
+    if present:  # old shards or an index left beside new weights would be read instead of them
+        raise ConversionError(f"{out}: already holds weights {present}; write to an empty directory")
     out.mkdir(parents=True, exist_ok=True)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     entries = []
@@ -305,17 +318,37 @@ def _convert(args: argparse.Namespace) -> None:
 
     if args.command == "hf-to-orbax":
         model = load_hf_model(args.hf_dir, dtype=args.dtype)
-        checkpoint.save_model(model, args.ckpt_dir, extra_metadata={"converted_from": str(Path(args.hf_dir))})
+        carried = read_hf_metadata(Path(args.hf_dir))
+        checkpoint.save_model(model, args.ckpt_dir,
+                              extra_metadata={**carried, "converted_from": str(Path(args.hf_dir))})
         _copy_tokenizer(Path(args.hf_dir), Path(args.ckpt_dir))
     else:
         model = checkpoint.load_model(args.ckpt_dir)
+        meta, _, _ = checkpoint.latest_metadata(args.ckpt_dir)
         save_hf_model(model, args.hf_dir)
+        own = {k: v for k, v in meta.items() if k not in ("format_version", "model_config", "versions")}
+        if own:
+            checkpoint.write_json_atomic(Path(args.hf_dir) / HF_METADATA_FILE, own)
         _copy_tokenizer(Path(args.ckpt_dir), Path(args.hf_dir))
 
 
+def read_hf_metadata(directory: Path) -> dict[str, Any]:
+    """The LLM-CXR metadata an `orbax-to-hf` export left beside config.json ({} for a plain HF directory)."""
+    path = directory / HF_METADATA_FILE
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return meta
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """Carry the tokenizer along: LLM-CXR's token layout lives in it."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    """Carry the tokenizer along, with LLM-CXR's token layout (image codes, offsets) that lives beside it."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", LAYOUT_FILE):
         if (src / name).exists():
             (dst / name).write_bytes((src / name).read_bytes())
 

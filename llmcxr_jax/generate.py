@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import vqgan_flax
 from llmcxr_jax import checkpoint, parallel, prompts
-from llmcxr_jax.convert import load_hf_model
+from llmcxr_jax.convert import HF_METADATA_FILE, load_hf_model, read_hf_metadata
 from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
@@ -184,7 +184,7 @@ class Sampler:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {spec.max_new_tokens} exceeds the "
                              f"model's max_position_embeddings {self.max_positions}; shorten the input or lower "
                              "max_new_tokens")
-        rows = min(self.batch_size, _round_up(len(prompt_ids), self._data_shards()))
+        rows = max(1, min(self.batch_size, _round_up(len(prompt_ids), self._data_shards())))  # none: no batch
         ids, timings = [], []
         for start in tqdm(range(0, len(prompt_ids), rows), disable=not progress, unit="batch", desc="generate"):
             chunk = [list(p) for p in prompt_ids[start:start + rows]]
@@ -395,8 +395,10 @@ def load_language_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = No
     """(model, metadata, metadata source) from an HF directory, a converted checkpoint or a training workdir
     (`step`, default its latest)."""
     path = Path(path)
-    if checkpoint_kind(path) == "hf":
-        return load_hf_model(path, dtype=dtype, mesh=mesh), {}, str(path / "config.json")
+    if checkpoint_kind(path) == "hf":  # an orbax-to-hf export keeps its LLM-CXR metadata beside config.json
+        meta = read_hf_metadata(path)
+        source = path / (HF_METADATA_FILE if meta else "config.json")
+        return load_hf_model(path, dtype=dtype, mesh=mesh), meta, str(source)
     meta, source, step = checkpoint.latest_metadata(path, step)
     return checkpoint.load_model(path, step=step, mesh=mesh, dtype=dtype, param_dtype=dtype), meta, source
 

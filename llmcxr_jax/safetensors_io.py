@@ -42,15 +42,33 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e}); not a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object; not a safetensors file?")
     header.pop("__metadata__", None)
     for name, entry in header.items():
-        if entry.get("dtype") not in _DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        _check_entry(path, name, entry)
         end = entry["data_offsets"][1]
         if 8 + n + end > size:
             raise SafetensorsError(f"{path}: file is truncated: tensor {name!r} ends at byte {8 + n + end}, "
                                    f"the file has {size}")
     return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, entry: object) -> None:
+    """dtype known, shape a list of sizes, and data_offsets spanning exactly shape × itemsize bytes."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+        dtype = entry.get("dtype") if isinstance(entry, dict) else entry
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise SafetensorsError(f"{path}: tensor {name!r} has malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[entry["dtype"]].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise SafetensorsError(f"{path}: tensor {name!r} of shape {shape} {entry['dtype']} needs {nbytes} bytes, "
+                               f"its data_offsets span {offsets[1] - offsets[0]}")
 
 
 class SafetensorsFile:

@@ -108,7 +108,68 @@ def test_cli_hf_to_orbax_and_back(tmp_path):
     _assert_same_logits(restored, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf2").eval())
 
 
+def test_orbax_to_hf_keeps_the_token_layout_and_llmcxr_metadata(tmp_path):
+    """An exported HF directory must load with its own tokenizer (image codes) and VQ-GAN identity, and convert
+    back without losing them."""
+    from llmcxr_jax.generate import load_language_model, load_tokenizer
+    from llmcxr_jax.tokenizer import LlmCxrTokenizer
+
+    tokenizer = LlmCxrTokenizer.train_small(["FINDINGS: clear lungs. IMPRESSION: normal."] * 20, 300,
+                                            num_image_codes=16)
+    hf = tiny_hf_model(seed=7, vocab_size=tokenizer.vocab_size)
+    meta = {"vqgan_grid": [2, 2], "vqgan_fingerprint": "f" * 64, "token_layout": {"num_image_codes": 16}}
+    checkpoint.save_model(load_hf_model(save_hf(hf, tmp_path / "hf")), tmp_path / "ckpt", extra_metadata=meta)
+    tokenizer.save(tmp_path / "ckpt")
+    convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    _, loaded, source = load_language_model(tmp_path / "out", dtype="float32")
+    assert {k: loaded[k] for k in meta} == meta and source.endswith("llmcxr_metadata.json")
+    assert load_tokenizer(tmp_path / "out", None).layout == tokenizer.layout
+    convert.main(["hf-to-orbax", str(tmp_path / "out"), str(tmp_path / "back")])
+    back = checkpoint.read_metadata(tmp_path / "back")
+    assert {k: back[k] for k in meta} == meta and back["converted_from"] == str(tmp_path / "out")
+
+
+def test_a_single_weight_file_is_read_before_an_index_as_transformers_does(tmp_path):
+    old, new = tiny_hf_model(seed=8), tiny_hf_model(seed=9)
+    path = save_hf(old, tmp_path / "hf", max_shard_size="20KB")
+    sharded = sorted(p.name for p in path.iterdir())
+    save_hf(new, tmp_path / "single")
+    shutil.copy(tmp_path / "single" / "model.safetensors", path / "model.safetensors")
+    _assert_same_logits(load_hf_model(path), new)
+    assert "model.safetensors.index.json" in sharded
+    with pytest.raises(ConversionError, match=r"hf: already holds weights \['model-00001-of-.*, "
+                                              r"'model.safetensors', 'model.safetensors.index.json'\]"):
+        save_hf_model(load_hf_model(path), path)  # stale shards beside new weights would be read instead
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}, r"tensor 'w' of shape \[4, 4\] F32 needs 64 "
+                                                                          r"bytes, its data_offsets span 32"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, r"tensor 'w' has malformed data_offsets None"),
+    ([1, 2], r"header is not a JSON object"),
+])
+def test_malformed_safetensors_headers_name_the_file_and_tensor(tmp_path, header, message):
+    from llmcxr_jax.safetensors_io import SafetensorsError, SafetensorsFile
+
+    blob = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(64))
+    with pytest.raises(SafetensorsError, match=r"bad.safetensors: " + message):
+        SafetensorsFile(path)
+
+
+def test_an_index_naming_the_wrong_shard_is_a_conversion_error(tmp_path):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf", max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "gpt_neox.embed_in.weight"
+    index["weight_map"][name] = next(f for f in index["weight_map"].values() if f != index["weight_map"][name])
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=rf"^error: .*model-0000\d-of-\d+.safetensors: the index says it holds "
+                                         rf"'{name}', but it does not"):
+        convert.main(["hf-to-orbax", str(path), str(tmp_path / "ckpt")])
 
 
 def test_missing_config_json(tmp_path):

@@ -141,3 +141,6 @@ def test_text_tasks_use_the_original_prompts_and_post_processing(directory, toke
         Sampler(load_hf_model(directory), tokenizer).report_to_cxr(REPORTS[:1])
     with pytest.raises(ValueError, match="no VQ-GAN"):
         sampler.cxr_to_report(np.zeros((1, 32, 32, 3), np.float32))
+    empty = sampler.cxr_to_report(codes=np.zeros((0, *GRID), np.int32), max_new_tokens=4)
+    assert empty.texts == [] and empty.instructions == []
+    assert sampler.report_to_cxr([]).codes.shape == (0, *GRID)
