@@ -47,8 +47,38 @@ def load_config(spec: str) -> Any:
     return module.get_config(arg)
 
 
+def config_from_flags() -> Any:
+    """`--config` with its overrides; a file that failed to load is a ValueError naming it."""
+    try:
+        config = FLAGS.config
+        config.keys()  # ml_collections defers a load failure to the config's first use
+    except OSError as e:
+        while e.__cause__ is not None:
+            e = e.__cause__
+        raise ValueError(f"--config {FLAGS['config'].config_filename}: {str(e).strip().splitlines()[-1].strip()}"
+                         ) from None
+    return config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with config mistakes as one line: an unknown `--config.key` (ml_collections raises
+    AttributeError, which absl does not report) or a config file whose get_config raises (absl would print the
+    traceback inside its message)."""
+    try:
+        return FLAGS(argv)
+    except AttributeError as e:
+        reason = str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"')
+        sys.exit(f"error: a --config.KEY override names no config field: {reason}")
+    except flags.IllegalFlagValueError as e:
+        lines = str(e).strip().splitlines()  # the flag, then (for a file) the traceback's last line
+        sys.exit(f"error: {' '.join(dict.fromkeys([lines[0], lines[-1]]))}")
+
+
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     """Errors a user can cause, caught before anything is compiled."""
+    if config.model.attention_impl == "cudnn" and mesh.devices.flat[0].platform != "gpu":
+        raise ValueError(f"model.attention_impl='cudnn' needs GPUs, not {mesh.devices.flat[0].platform}; use 'auto' "
+                         "(cuDNN where it applies) or 'xla'")
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     gbs, mbs = config.train.global_batch_size, config.train.micro_batches
     for key in ("global_batch_size", "micro_batches", "loss_group_size"):
@@ -254,7 +284,7 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.config is None:
+    if not FLAGS["config"].present:
         raise app.UsageError("--config is required, e.g. --config configs/stage1.py")
     if not FLAGS.dry_run and not FLAGS.workdir:
         raise app.UsageError("--workdir is required (checkpoints and logs go there)")
@@ -262,10 +292,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--topology only makes sense with --dry_run")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
     try:
-        run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
+        run(config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

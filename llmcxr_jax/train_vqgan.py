@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 
 from llmcxr_jax import parallel, train, trainer, vqgan_task
 from llmcxr_jax.data import image_builder
 from llmcxr_jax.train import FLAGS  # --config, --workdir, --dry_run, --topology
+
+flags.adopt_module_key_flags(train)  # so --help lists them
 
 EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the training ones (as cxr_phantoms' test)
 
@@ -119,17 +121,17 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.config is None or not (FLAGS.workdir or FLAGS.dry_run):
+    if not FLAGS["config"].present or not (FLAGS.workdir or FLAGS.dry_run):
         raise app.UsageError("--config (e.g. configs/vqgan.py:demo) and --workdir (or --dry_run) are required")
     if FLAGS.topology and not FLAGS.dry_run:
         raise app.UsageError("--topology only makes sense with --dry_run")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     parallel.enable_compilation_cache()
     try:
-        run(FLAGS.config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
+        run(train.config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.parse_flags)

@@ -244,7 +244,9 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    (["--config.train.nonexistent=1"], "nonexistent"),
+    (["--config.train.nonexistent=1"], "error: a --config.KEY override names no config field: nonexistent\n"),
+    (["--config.train.globl_batch_size=4"], 'no config field: globl_batch_size Did you mean "global_batch_size"'),
+    (["--config.model.attention_impl=cudnn"], "error: model.attention_impl='cudnn' needs GPUs, not cpu"),
     (["--config.mesh.shape=(1,3,1)"], "mesh shape (1, 3, 1) needs 3 devices, but 8 are available"),
     (["--config.train.global_batch_size=4", "--config.mesh.shape=(1,8,1)"],
      "a micro-batch of 4 sequences does not divide over the 8 data×fsdp shards"),
@@ -259,6 +261,20 @@ def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, messag
     out, _ = _train_cli(tmp_path / "w", 2, override).communicate(timeout=120)
     assert message in out, out
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("module", ["llmcxr_jax.train", "llmcxr_jax.train_vqgan"])
+@pytest.mark.parametrize("config, message", [
+    ("configs/nope.py", "error: --config configs/nope.py: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    ("configs/vqgan.py:bogus", "error: flag --config=configs/vqgan.py:bogus: Error whilst parsing config file: "
+                               "ValueError: configs/vqgan.py: unknown variant 'bogus'"),
+])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, module, config, message):
+    out = subprocess.run([sys.executable, "-m", module, "--config", config, "--workdir", str(tmp_path / "w")],
+                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().startswith(message), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
 
 
 def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path, monkeypatch):
