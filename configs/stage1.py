@@ -20,7 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.stage = 1
     c.seed = 42
     # remat dots_no_batch keeps the weight matmuls' outputs: on one H200 (batch 8 x 1024) 22.4k tokens/s and
-    # 52 GB against 20.9k and 44 GB for "full" (NOTES.md); "full" where memory is tight.
+    # 52.3 GiB against 20.9k and 43.6 GiB for "full" (NOTES.md); "full" where memory is tight.
     c.model = ml_collections.ConfigDict(dict(
         DOLLY_V2_3B, dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_no_batch"))
     # Where the weights come from on a fresh run: an HF directory (stage 1) or a previous stage's workdir (stage 2).

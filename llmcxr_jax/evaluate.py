@@ -149,6 +149,8 @@ class RunSummary:
 
 def read_eval_ids(path: str | Path) -> frozenset[str]:
     """The dicom_ids of the user's eval_dicom_ids.pickle: a list of ids or a dict keyed by them."""
+    if not Path(path).is_file():
+        raise EvalInputError(f"{path}: no such file (the eval_dicom_ids.pickle of the evaluation protocol)")
     try:
         obj = load_plain_pickle(path, "a list of dicom_id strings")
     except PlainPickleError as err:
@@ -448,6 +450,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     reports.add_argument("--reference_key", default="raw_report")
     reports.add_argument("--id_key", default="dicom_id")
     args = parser.parse_args(argv)
+    try:
+        result = _run(args)
+    except (ValueError, OSError) as e:  # missing or malformed inputs; the message names the file
+        sys.exit(f"error: {e}")
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "mimic":
         selection = select_mimic_eval(args.manual_dir, args.codes or default_codes_path(args.manual_dir),
                                       read_eval_ids(args.eval_ids), tuple(args.grid), args.num_codes)
@@ -463,8 +474,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     generated_key=args.generated_key, reference_key=args.reference_key,
                                     id_key=args.id_key,
                                     labeler=metrics.PHANTOM_REPORTS if args.labeler == "phantom" else None)
-    json.dump(result, sys.stdout, indent=1)
-    print()
+    return result
 
 
 if __name__ == "__main__":

@@ -438,6 +438,13 @@ def check_token_layout(meta: dict[str, Any], source: str, tokenizer: LlmCxrToken
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
 
+
+def _mesh_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers, e.g. 1,-1,1") from None
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llmcxr_jax.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF directory, converted checkpoint or training workdir")
@@ -464,7 +471,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, help="report2cxr, constrained mode: classifier-free guidance "
                    "against an empty report (not in the original; 1 = none, larger = closer to the report)")
     p.add_argument("--dtype", default="bfloat16", help="LM parameter and compute dtype")
-    p.add_argument("--mesh", default="", help="mesh shape data,fsdp,tensor (e.g. 1,-1,1); default one device")
+    p.add_argument("--mesh", default=None, type=_mesh_shape,
+                   help="mesh shape data,fsdp,tensor (e.g. 1,-1,1); default one device")
     return p.parse_args(argv)
 
 
@@ -494,7 +502,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     # Unreadable image files fail before the (minutes-long) model load; ImageLoadError names the file.
     pixels = [load_image(path) for path in inputs] if args.task == "cxr2report" else []
-    mesh = parallel.make_mesh([int(s) for s in args.mesh.split(",")]) if args.mesh else None
+    mesh = parallel.make_mesh(args.mesh) if args.mesh else None
     sampler = Sampler.from_checkpoint(args.checkpoint, args.vqgan, mesh=mesh, dtype=args.dtype,
                                       batch_size=args.batch_size, sampling=sampling)
     out = Path(args.out)

@@ -310,7 +310,7 @@ def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, 
         checkpoint = checkpoint.rename(tmp_path / "moved")
     elif change == "train_on":
         _workdir_at_step(checkpoint, 200)
-    with pytest.raises(EvalInputError, match=f"llm-cxr__eval_results_0_1.json: cannot resume .*{setting}"):
+    with pytest.raises(SystemExit, match=f"^error: .*llm-cxr__eval_results_0_1.json: cannot resume .*{setting}"):
         run(checkpoint, *extra)
 
 
@@ -339,5 +339,10 @@ def test_cli_reports_scores_result_files(tmp_path, capsys):
     assert not any(k.startswith("labels/") for k in json.loads(capsys.readouterr().out))
     other = tmp_path / "refs.jsonl"
     other.write_text(json.dumps({"dicom_id": "d0", "text": refs[0]}) + "\n")
-    with pytest.raises(EvalInputError, match="have no reference"):
+    with pytest.raises(SystemExit, match="^error: .*have no reference"):
         evaluate.main(["reports", "--generated", str(path), "--reference", str(other), "--reference_key", "text"])
+    with pytest.raises(SystemExit, match=r"^error: .*absent.jsonl"):
+        evaluate.main(["reports", "--generated", str(tmp_path / "absent.jsonl")])
+    with pytest.raises(SystemExit, match=r"^error: .*absent.pickle: no such file \(the eval_dicom_ids.pickle"):
+        evaluate.main(["mimic", "--checkpoint", "C", "--vqgan", "V", "--manual_dir", str(tmp_path),
+                       "--eval_ids", str(tmp_path / "absent.pickle"), "--out", str(tmp_path / "out")])

@@ -117,6 +117,10 @@ def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
                        "report2cxr", "--input", REPORTS[0], "--out", str(tmp_path), "--dtype", "float32"])
     with pytest.raises(SystemExit, match="not a model"):
         generate.main(["--checkpoint", str(tmp_path), "--task", "instruct", "--input", "x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(tmp_path), "--task", "instruct", "--input", "x", "--out", str(tmp_path),
+                       "--mesh", "1,x"])
+    assert "argument --mesh: '1,x' is not comma-separated integers" in capsys.readouterr().err
 
 
 def test_from_checkpoint_reads_hf_converted_and_workdir_alike(dirs):

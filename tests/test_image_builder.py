@@ -176,3 +176,16 @@ def test_images_differing_only_in_suffix_are_refused_before_any_decoding(tmp_pat
     with pytest.raises(SystemExit, match=r"error: .*images: 1 images differ only in their suffix .*p10/a\.jpg, "
                                          r"p10/a\.png$"):
         build.main(["images", "--manual_dir", str(root), "--data_dir", str(tmp_path / "tfds"), "--config", "demo64"])
+
+
+def test_build_cli_names_a_missing_manual_dir_and_why_no_image_was_usable(tmp_path):
+    from llmcxr_jax.data import build
+
+    with pytest.raises(SystemExit, match=r"^error: --manual_dir .*absent: no such directory"):
+        build.main(["images", "--manual_dir", str(tmp_path / "absent"), "--data_dir", str(tmp_path / "tfds")])
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(_gradient(40, 40, i)).save(tmp_path / "images" / f"img{i}.png")
+    with pytest.raises(SystemExit, match=r"^error: .*images: none of the 2 images of split 'train' is usable, e.g. "
+                                         r"img0.png: too small: image is 40x40"):
+        build.main(["images", "--manual_dir", str(tmp_path / "images"), "--data_dir", str(tmp_path / "tfds")])

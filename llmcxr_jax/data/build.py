@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import tensorflow_datasets as tfds
 
@@ -27,6 +28,10 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
     import importlib
 
     module, cls_name, _ = BUILDERS[kind]
+    if kind != "phantoms" and not (manual_dir and Path(manual_dir).is_dir()):
+        raise FileNotFoundError(f"--manual_dir {manual_dir}: no such directory; {kind} is built from local files "
+                                "(python -m llmcxr_jax.data.build --help)" if manual_dir else
+                                f"--manual_dir is required: {kind} is built from local files")
     cls = getattr(importlib.import_module(module), cls_name)
     download = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     report = {}
@@ -44,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=sorted(BUILDERS))
     parser.add_argument("--data_dir", required=True, help="where the ArrayRecord datasets go")
     parser.add_argument("--manual_dir", help="the local source files (not needed for phantoms)")
-    parser.add_argument("--config", action="append", help="builder config(s); default: all of this kind")
+    parser.add_argument("--config", action="append",
+                        help="builder config(s), repeatable; default: " + ", ".join(
+                            f"{'+'.join(configs)} for {kind}" for kind, (_, _, configs) in BUILDERS.items()
+                            if None not in configs) + " (dolly has no configs)")
     args = parser.parse_args(argv)
     configs = args.config or list(BUILDERS[args.kind][2])
     try:

@@ -170,6 +170,10 @@ class CxrImages(LocalFilesBuilder):
                         continue
                     self.build_counts["kept"][split] += 1
                     yield key, {"image_id": key, "image": png_bytes(result)}
+        if not self.build_counts["kept"][split]:  # TFDS would only say "No examples were yielded"
+            reasons = [f"{p.relative_to(root).as_posix()}: {skipped[p.relative_to(root).as_posix()]}" for p in files]
+            raise ValueError(f"{root}: none of the {len(files)} images of split {split!r} is usable, e.g. "
+                             + "; ".join(reasons[:3]))
         self.info.metadata["skipped"] = dict(sorted(skipped.items()))
         self.info.metadata["counts"] = {"kept": dict(self.build_counts["kept"]), "skipped": len(skipped)}
 
