@@ -27,14 +27,16 @@ def prepared(tmp_path_factory):
     return root, tokenizer
 
 
-def _train(root, tokenizer, workdir, *extra):
-    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(ROOT / "configs/stage1.py:tiny"),
+def _train(root, tokenizer, workdir, *extra, processes: int = 1, lengths: str = "(512,)"):
+    launcher = [str(ROOT / "launch/local.py"), "--num_processes", str(processes), "--devices_per_process",
+                str(4 // processes), "--"] if processes > 1 else ["-m", "llmcxr_jax.train"]
+    cmd = [sys.executable, *launcher, "--config", str(ROOT / "configs/stage1.py:tiny"),
            "--workdir", str(workdir), "--config.data.source=tfds", f"--config.data.data_dir={root / 'tfds'}",
            "--config.data.dolly_builder=", f"--config.tokenizer={root / 'tokenizer'}",
            f"--config.model.vocab_size={tokenizer.vocab_size}", "--config.model.max_position_embeddings=512",
-           "--config.data.lengths=(512,)", "--config.data.max_length=512", "--config.train.global_batch_size=4",
+           f"--config.data.lengths={lengths}", "--config.data.max_length=512", "--config.train.global_batch_size=4",
            "--config.train.num_steps=2", "--config.train.eval_every=2", *extra]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes}", JAX_PLATFORMS="cpu")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -59,6 +61,15 @@ def test_epoch_ends_are_kept_besides_the_latest_checkpoints(prepared, tmp_path):
     kept = sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit())
     epoch = kept[-1] // 3
     assert epoch > 1 and kept == [2 * epoch, 3 * epoch], kept
+
+
+def test_two_processes_train_on_the_built_dataset(prepared, tmp_path):
+    """Each process reads its own rows (here 444-479 tokens, so their own buckets of 464 and 512 differ in some
+    batches): every batch must still have one width on both."""
+    root, tokenizer = prepared
+    out = _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=4", processes=2, lengths="(464,512)")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[eval] step 2: loss=" in out.stdout and (tmp_path / "w" / "checkpoints" / "4").is_dir()
 
 
 def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
