@@ -99,9 +99,6 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     trainer.check_loop_settings(config.train)
     if config.init.hf_dir and config.init.workdir:
         raise ValueError("set only one of init.hf_dir (stage 1) and init.workdir (stage 2)")
-    if not (config.init.hf_dir or config.init.workdir or config.init.from_scratch):
-        raise ValueError(f"stage {config.stage} needs weights to start from: init.hf_dir (stage 1: dolly-v2-3b) or "
-                         "init.workdir (stage 2: stage 1's workdir); init.from_scratch=True trains random weights")
 
 
 def token_metadata(config: Any) -> dict[str, Any]:
@@ -263,6 +260,10 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     if dry:  # shapes only: no dataset needs to exist, and any step count shapes the schedule
         train_iter, steps, fingerprint = None, max(config.train.num_steps, 1), config.vqgan.fingerprint
     else:
+        if not (config.init.hf_dir or config.init.workdir or config.init.from_scratch):  # shapes need no weights
+            raise ValueError(f"stage {config.stage} needs weights to start from: init.hf_dir (stage 1: dolly-v2-3b) "
+                             "or init.workdir (stage 2: stage 1's workdir); init.from_scratch=True trains random "
+                             "weights")
         train_iter, steps_per_epoch, fingerprint = make_train_data(config)
         steps = total_steps(config, steps_per_epoch)
     metadata = {"stage": config.stage, **token_metadata(config), "vqgan_fingerprint": fingerprint}
