@@ -53,7 +53,8 @@ def main() -> int:
         time.sleep(0.2)
     for p in procs:
         p.wait()
-    return status or max(p.returncode for p in procs)
+    # a process killed by a signal has a negative code: report the first non-zero one, never max() them away
+    return status or next((p.returncode for p in procs if p.returncode), 0)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
 REPO_DIR=${REPO_DIR:-llmcxr-jax}
 MODULE=${MODULE:-llmcxr_jax.train}
+# Every value is %q-quoted: the remote shell would split a path with spaces into several arguments.
 ARGS=$(printf ' %q' "$@")
-DATA_FLAG=${DATA_DIR:+--config.data.data_dir=$DATA_DIR}
+DATA_FLAG=${DATA_DIR:+$(printf '%q' "--config.data.data_dir=$DATA_DIR")}
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $REPO_DIR && JAX_PLATFORMS=tpu python -m $MODULE --workdir $WORKDIR \
+  "cd $(printf '%q' "$REPO_DIR") && JAX_PLATFORMS=tpu python -m $MODULE --workdir $(printf '%q' "$WORKDIR") \
    --config.distributed.coordinator_address=auto $DATA_FLAG $ARGS"

@@ -1,6 +1,8 @@
 """The demo's own pieces: phantoms written as MIMIC-CXR files go through the real MIMIC builder untouched."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +40,11 @@ def test_random_baselines_are_averaged_and_the_page_shows_every_score(tmp_path):
 
     draws = [{"macro_f1": 0.1, "micro_f1": 0.2}, {"macro_f1": 0.3, "micro_f1": 0.4}]
     assert pipeline._mean_scores(draws) == pytest.approx({"macro_f1": 0.2, "micro_f1": 0.3, "macro_f1_std": 0.1})
-    cases = [phantom_mimic.Case(f"d{i}", "test", f"/x/d{i}.png", "IMPRESSION: x", (0,) * len(LABELS))
-             for i in range(2)]
+    cases = [phantom_mimic.Case(f"d{i}", "test", str(tmp_path / "manual" / "images" / f"d{i}.png"), "IMPRESSION: x",
+                                (0,) * len(LABELS)) for i in range(2)]
+    for case in cases:
+        Path(case.image_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(case.image_path).write_bytes(b"png")
     generated = {"generated_images": np.zeros((2, 8, 8), np.uint8), "reconstructions": np.zeros((2, 8, 8), np.uint8),
                  "guided_images": np.zeros((2, 8, 8), np.uint8), "impressions": ["a <b>", "c"],
                  "generated_reports": ["r1", "r2"]}
@@ -55,3 +60,5 @@ def test_random_baselines_are_averaged_and_the_page_shows_every_score(tmp_path):
     assert text.count("<td>baseline_prior_random") == 2 and "<td>0.125</td>" in text
     assert "<td>generated_guided_2</td>" in text and "guidance at scale\n2 against" in text
     assert (tmp_path / "images" / "d1_generated.png").is_file() and (tmp_path / "images" / "d1_guided.png").is_file()
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == 2 * 5 and all((tmp_path / src).is_file() for src in sources), sources

@@ -123,6 +123,14 @@ def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
     assert "argument --mesh: '1,x' is not comma-separated integers" in capsys.readouterr().err
 
 
+def test_training_attention_and_remat_choices_do_not_reach_the_sampler(dirs, tmp_path):
+    """A model trained with attention_impl=cudnn (GPU only, no masks) must still decode, masks and all."""
+    checkpoint.save_model(load_hf_model(dirs["hf"], attention_impl="cudnn", remat_policy="full"), tmp_path / "c")
+    assert checkpoint.read_metadata(tmp_path / "c")["model_config"]["attention_impl"] == "cudnn"
+    model, _, _ = generate.load_language_model(tmp_path / "c", dtype="float32")
+    assert (model.config.attention_impl, model.config.remat_policy) == ("auto", "none")
+
+
 def test_from_checkpoint_reads_hf_converted_and_workdir_alike(dirs):
     """All three kinds load the same weights: greedy answers agree; the VQ-GAN's grid comes along."""
     answers = []

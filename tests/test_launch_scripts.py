@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,21 @@ def test_slurm_script_runs_the_module_on_the_tasks_own_gpu(stubs, module):
 @pytest.mark.parametrize("module", [None, "llmcxr_jax.train_vqgan"])
 def test_tpu_pod_script_runs_the_module_with_automatic_cluster_detection(stubs, module):
     env, record = stubs
-    env.update(TPU="pod", ZONE="zone", WORKDIR="/mnt/runs/r1")
+    env.update(TPU="pod", ZONE="zone", WORKDIR="/mnt/my runs/r1", DATA_DIR="/mnt/b/tf ds")
     if module:
         env["MODULE"] = module
     subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "--config", "configs/vqgan.py", TRICKY], env=env,
                    check=True, timeout=60)
     assert record.read_text().splitlines() == [
-        "CUDA_VISIBLE_DEVICES=", "-m", module or "llmcxr_jax.train", "--workdir", "/mnt/runs/r1",
-        "--config.distributed.coordinator_address=auto", "--config", "configs/vqgan.py", TRICKY]
+        "CUDA_VISIBLE_DEVICES=", "-m", module or "llmcxr_jax.train", "--workdir", "/mnt/my runs/r1",
+        "--config.distributed.coordinator_address=auto", "--config.data.data_dir=/mnt/b/tf ds", "--config",
+        "configs/vqgan.py", TRICKY]
+
+
+def test_local_launcher_fails_when_a_process_dies_by_a_signal(tmp_path):
+    """Negative return codes (killed by a signal, e.g. JAX's abort when peers never arrive) are failures."""
+    (tmp_path / "dies.py").write_text("import os, sys\n"
+                                      "if '--config.distributed.process_id=1' in sys.argv: os.abort()\n")
+    out = subprocess.run([sys.executable, str(ROOT / "launch/local.py"), "--module", "dies", "--num_processes", "2",
+                          "--", "x"], env=dict(os.environ, PYTHONPATH=str(tmp_path)), capture_output=True, timeout=60)
+    assert out.returncode != 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def write(out: Path, test_cases, generated: dict[str, Any], results: dict[str, A
     size = generated["generated_images"].shape[-1]
     rows_r2c, rows_c2r = [], []
     for i, case in enumerate(test_cases[:NUM_EXAMPLES]):
-        true_src = f"../manual/images/{Path(case.image_path).name}"
+        true_src = Path(os.path.relpath(case.image_path, out)).as_posix()  # the page opens from `out`
         gen_src = _png(generated["generated_images"][i], out / "images" / f"{case.dicom_id}_generated.png")
         guided_src = _png(generated["guided_images"][i], out / "images" / f"{case.dicom_id}_guided.png")
         rec_src = _png(generated["reconstructions"][i], out / "images" / f"{case.dicom_id}_reconstruction.png")
