@@ -275,14 +275,25 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
 
 def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger, image_fn,
          mesh):
-    """The loop body. Metrics of step t are read after step t+1 is dispatched, so the host never idles the device."""
+    """The loop body. Metrics of step t are read after step t+1 is dispatched, so the host never idles the device.
+
+    Throughput windows leave out compiles (a step's first call for each batch shape) and the time spent saving,
+    evaluating and drawing images, so tokens/s and MFU are training's.
+    """
     window: dict[str, float] | None = None
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, aside = time.perf_counter(), 0, 0.0
+    compiled: set[tuple] = set()
     pending = None
     with _Preemption(mesh) as preemption:
         while step < loop.total_steps:
             batch_state = train_iter.get_state()  # names the batch in error messages
-            state, metrics = step_fn(state, to_global(next(train_iter), batch_sh))
+            batch = to_global(next(train_iter), batch_sh)
+            shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            dispatched = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            if shapes not in compiled:  # this call compiled the step for the shape before dispatching it
+                compiled.add(shapes)
+                aside += time.perf_counter() - dispatched
             step += 1
             if pending is not None:
                 window = _add(window, _check_finite(*pending))
@@ -297,13 +308,19 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                 window = _add(window, _check_finite(*pending))
                 pending = None
             if log_now:
-                seconds = time.perf_counter() - window_start
+                seconds = time.perf_counter() - window_start - aside
                 means = {k: v / window_steps if k in ("loss", "grad_norm", "lr") else v for k, v in window.items()}
                 values = task.summarize(means)
                 if task.throughput is not None:
                     values.update(task.throughput(window, seconds))
                 logger.scalars(step, "train", values)
-                window, window_start, window_steps = None, time.perf_counter(), 0
+                window, window_start, window_steps, aside = None, time.perf_counter(), 0, 0.0
+            eval_now = eval_fn is not None and eval_iter_fn is not None and loop.eval_every and (
+                step % loop.eval_every == 0 or last)
+            image_now = image_fn is not None and loop.image_every and (step % loop.image_every == 0 or last)
+            if save_now or eval_now or image_now:
+                jax.block_until_ready(state)  # the step itself still counts as training
+                set_aside = time.perf_counter()
             if save_now:
                 if not bool(_all_finite(state)):  # the loss and gradients came from the weights before the update
                     raise NonFiniteLossError(
@@ -311,15 +328,16 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                         f"{batch_state}); training stopped; the last good checkpoint is kept and none was written "
                         "for this step")
                 ckpts.save(step, nnx.to_pure_dict(state), train_iter.get_state(), task.metadata)
-            if eval_fn is not None and eval_iter_fn is not None and loop.eval_every and (
-                    step % loop.eval_every == 0 or last):
+            if eval_now:
                 sums = None
                 for eval_batch in eval_iter_fn():
                     sums = _add(sums, _fetch(eval_fn(state, to_global(eval_batch, batch_sh))))
                 if sums is not None:
                     logger.scalars(step, "eval", task.summarize(sums))
-            if image_fn is not None and loop.image_every and (step % loop.image_every == 0 or last):
+            if image_now:
                 logger.images(step, "train", image_fn(state))
+            if save_now or eval_now or image_now:
+                aside += time.perf_counter() - set_aside
             if stop:
                 logger.message(f"SIGTERM: saved a checkpoint at step {step}; exiting cleanly")
                 break

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,20 @@ def test_non_finite_loss_stops_with_step_and_batch(tmp_path):
                                                          r"state \{'index': 1\}\)"):
         run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
     assert not (tmp_path / "w" / "checkpoints" / "2").exists()
+
+
+def test_throughput_leaves_out_compiles_and_saves(tmp_path, monkeypatch, capsys):
+    """Each checkpoint here takes 0.6 s more, the tiny step a few ms: logged tokens/s must be the steps' own."""
+    config = load_config("stage1")
+    save = checkpoint.TrainCheckpoints.save
+    monkeypatch.setattr(checkpoint.TrainCheckpoints, "save", lambda self, *a: time.sleep(0.6) or save(self, *a))
+    loop = trainer.LoopConfig(total_steps=6, log_every=2, checkpoint_every=1, async_checkpoints=False,
+                              progress=False)
+    trainer.train(tiny_task(config, mesh_of((1, 1, 1)), 6), loop, mesh=mesh_of((1, 1, 1)),
+                  rules=parallel.DEFAULT_RULES, workdir=tmp_path, train_iter=batches(config))
+    rates = [float(r) for r in re.findall(r"tokens_per_s=([-+.e0-9]+)", capsys.readouterr().out)]
+    window_tokens = 2 * config.train.global_batch_size * config.data.seq_len
+    assert len(rates) == 3 and all(window_tokens / rate < 0.3 for rate in rates), rates
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
