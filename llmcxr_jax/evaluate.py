@@ -206,7 +206,8 @@ def _complete_lines(path: Path) -> tuple[list[str], int]:
     """The newline-terminated lines of a results file and their byte length; a torn last line is not one."""
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8").splitlines(), end
+    # split on "\n" only: str.splitlines also breaks at U+2028, \x1c and others, which JSON strings may hold raw
+    return [line.decode("utf-8") for line in data[:end].split(b"\n")[:-1]], end
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -268,11 +269,16 @@ def _check_settings(path: Path, settings: dict, counts: Mapping[str, int]) -> No
     sidecar = path.with_suffix(".json")
     settings = json.loads(json.dumps(settings))  # compared as they read back (tuples become lists)
     if sidecar.exists():
-        diffs = _differences(json.loads(sidecar.read_text())["settings"], settings)
+        try:
+            recorded = json.loads(sidecar.read_text())["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise EvalInputError(f"{sidecar}: unreadable settings of {path.name} ({type(err).__name__}: {err}); "
+                                 "use another --out directory") from None
+        diffs = _differences(recorded, settings)
         if diffs:
             raise EvalInputError(f"{sidecar}: cannot resume {path.name} with other settings ({'; '.join(diffs)}); "
                                  "use another --out directory")
-    sidecar.write_text(json.dumps({"settings": settings, "counts": dict(counts)}, indent=1) + "\n")
+    write_atomic(sidecar, (json.dumps({"settings": settings, "counts": dict(counts)}, indent=1) + "\n").encode())
 
 
 def _resume(path: Path, shard_ids: set[str]) -> set[str]:

@@ -66,6 +66,14 @@ def test_csv_ragged_row_and_unknown_split_name_the_line(tmp_path):
         read_split_csv(split_csv)
 
 
+def test_csv_with_a_byte_order_mark_and_blank_lines_reads_as_pandas_reads_it(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    split_csv = fx.root / "mimic-cxr-2.0.0-split.csv"
+    plain = read_split_csv(split_csv)
+    split_csv.write_bytes(b"\xef\xbb\xbf" + split_csv.read_bytes().replace(b"\n", b"\n\r\n", 1) + b"\r\n\r\n")
+    assert read_split_csv(split_csv) == plain
+
+
 def test_unreadable_study_date_names_the_line(tmp_path):
     fx = write_mimic_tree(tmp_path / "m")
     meta_csv = fx.root / "mimic-cxr-2.0.0-metadata.csv"

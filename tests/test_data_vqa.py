@@ -79,6 +79,18 @@ def test_vqa_file_is_a_literal_never_code(tmp_path):
         read_vqa_file(misplaced)
 
 
+def test_answers_that_are_not_strings_are_kept_as_the_original_formatted_them(tmp_path):
+    path = tmp_path / "p10" / "p10000001" / "s50000001.txt"
+    path.parent.mkdir(parents=True)
+    path.write_text("[{'question': 'How many?', 'answer': 2}, {'question': 'Any?', 'answer': True}, "
+                    "{'question': 'Size?', 'answer': 1.5}, {'question': 'Which?', 'answer': None}, "
+                    "{'question': None, 'answer': 'a'}, {'question': 'Sides?', 'answer': ['L', 'R']}]\n")
+    pairs, dropped = read_vqa_file(path)
+    assert [(p.question, p.answer) for p in pairs] == [("How many?", "2"), ("Any?", "True"), ("Size?", "1.5"),
+                                                       ("Sides?", "['L', 'R']")]
+    assert dropped == 2  # the None values: the original's dropna
+
+
 def test_missing_vqa_dir_is_named(tmp_path):
     fx = write_mimic_tree(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match=f"{fx.root / VQA_DIR}: no VQA directory"):

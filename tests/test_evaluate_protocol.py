@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from llmcxr_jax import evaluate
-from llmcxr_jax.evaluate import (EvalInputError, read_eval_ids, read_results, results_path, run_mimic_protocol,
-                                 select_mimic_eval, write_results_pickle)
+from llmcxr_jax.evaluate import (EvalInputError, read_eval_ids, read_jsonl, read_results, results_path,
+                                 run_mimic_protocol, select_mimic_eval, write_results_pickle)
 from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import CXR_VQ_OUTPUT_INSTRUCTION_LIST, choose_instruction
 from mimic_fixture import GRID, write_mimic_tree
@@ -226,6 +226,18 @@ def test_protocol_runner_refuses_to_mix_runs(tree, tmp_path):
     foreign = dataclasses.replace(selection, items=selection.items[1:])
     with pytest.raises(EvalInputError, match="not in this rank's share"):
         run_mimic_protocol(foreign, _never, tmp_path / "out", seed=SEED)
+    sidecar = next((tmp_path / "out").glob("*.json"))
+    sidecar.write_text(sidecar.read_text()[:40])  # e.g. a copy cut short
+    with pytest.raises(EvalInputError, match=rf"{sidecar.name}: unreadable settings of .*JSONDecodeError"):
+        _run(selection, tmp_path / "out", sampler_settings={"image_mode": "resample"})
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """JSON strings may hold U+2028 or \\x1c raw (ensure_ascii=False); str.splitlines would cut the line there."""
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps({"gen_report": text}, ensure_ascii=False) + "\n"
+                            for text in ("a\u2028b", "c\x1cd", "e")), encoding="utf-8")
+    assert [r["gen_report"] for r in read_jsonl(path)] == ["a\u2028b", "c\x1cd", "e"]
 
 
 def test_protocol_runner_writes_the_original_pickle(tree, tmp_path):

@@ -88,17 +88,23 @@ def require_files(manual_dir: Path, needed: Mapping[str, str]) -> None:
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
-    """(line number, row) of a UTF-8 CSV whose header must hold `columns`; ragged rows are errors naming the line."""
+    """(line number, row) of a UTF-8 CSV whose header must hold `columns`; ragged rows are errors naming the line.
+
+    Read as pandas (and so the original) reads it: a byte-order mark and blank lines are not data.
+    """
     with open_utf8(path, MimicFileError, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             raise MimicFileError(f"{path}: empty file, expected a header with columns {list(columns)}")
+        header = [header[0].removeprefix("\ufeff"), *header[1:]] if header else header
         absent = [c for c in columns if c not in header]
         if absent:
             raise MimicFileError(f"{path}: missing column(s) {absent} in header {header}")
         where = {c: header.index(c) for c in columns}
         for fields in reader:
+            if not fields:
+                continue
             if len(fields) != len(header):
                 raise MimicFileError(f"{path}:{reader.line_num}: {len(fields)} fields, header has {len(header)}")
             yield reader.line_num, {c: fields[i].strip() for c, i in where.items()}

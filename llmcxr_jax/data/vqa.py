@@ -3,9 +3,10 @@
 Files `pXX/pNNNNNNNN/sMMMMMMMM.txt` hold one line: a Python-literal list of dicts, read with
 `ast.literal_eval` (never `eval`). As in the original, subject_id/study_id come from the path and a dict is kept
 iff, with those two keys added, it has exactly 4 keys including `question` and `answer` (so: just a question and
-an answer); here both must also be strings. Each kept pair repeats once for every image of its study that is in
-the split, has valid codes and is in the stage-2 selection; pairs with no such image are dropped (the original's
-right merge + `dropna`). Everything dropped is counted.
+an answer). Values that are not strings become text as the original's `str.format` wrote them (`2` → "2");
+None is dropped (its `dropna`; `ast.literal_eval` cannot give NaN). Each kept pair repeats once for every image of
+its study that is in the split, has valid codes and is in the stage-2 selection; pairs with no such image are
+dropped (the original's right merge + `dropna`). Everything dropped is counted.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def _ids_from_path(path: Path) -> tuple[int, int]:
 
 
 def _is_qa(item: object) -> bool:
-    return (isinstance(item, dict) and len(set(item) | _ADDED_KEYS) == 4 and "question" in item
-            and "answer" in item and isinstance(item["question"], str) and isinstance(item["answer"], str))
+    return (isinstance(item, dict) and len(set(item) | _ADDED_KEYS) == 4 and item.get("question") is not None
+            and item.get("answer") is not None)
 
 
 def read_vqa_file(path: Path) -> tuple[list[QaPair], int]:
@@ -74,7 +75,8 @@ def read_vqa_file(path: Path) -> tuple[list[QaPair], int]:
         raise VqaFileError(f"{path}:1: not a Python literal ({type(err).__name__}: {err})") from None
     if not isinstance(items, list):
         raise VqaFileError(f"{path}:1: expected a list of dicts, got a {type(items).__name__}")
-    pairs = [QaPair(subject_id, study_id, item["question"], item["answer"]) for item in items if _is_qa(item)]
+    pairs = [QaPair(subject_id, study_id, str(item["question"]), str(item["answer"])) for item in items
+             if _is_qa(item)]
     return pairs, len(items) - len(pairs)
 
 
