@@ -253,6 +253,19 @@ def test_encode_cli_resumes_and_records_bad_files(vqgan_dir, tmp_path, capsys):
     assert "encoded 0, skipped 6" in third and len(CodesDir.open(out)) == 6
 
 
+def test_encoding_into_an_imported_directory_leaves_its_invalid_ids_alone(vqgan_dir, tmp_path, capsys):
+    """The original's pickle held bad codes for img1: it stays invalid (alternation depends on it) and the
+    other new images are still encoded and kept."""
+    good = make_images(tmp_path / "images")
+    out = tmp_path / "codes"
+    run_encode(vqgan_dir, out, [good["img0"]], capsys)
+    CodesWriter(out, CodesDir.open(out).meta).write_invalid(["img1"])
+    assert "encoded 1, skipped 1" in run_encode(vqgan_dir, out, [good["img1"], good["img2"]], capsys)
+    reader = CodesDir.open(out)
+    assert sorted(reader.ids) == ["img0", "img2"] and reader.invalid_ids == frozenset({"img1"})
+    assert "img1\t" in (out / "errors.tsv").read_text() and "recorded as invalid" in (out / "errors.tsv").read_text()
+
+
 def test_an_interrupted_encode_keeps_what_it_encoded(vqgan_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM mid-run: the codes encoded so far are written (not only whole shards), and a rerun
     encodes the rest only."""

@@ -204,6 +204,9 @@ class CodesWriter:
     def done_ids(self) -> frozenset[str]:
         return frozenset(self._done)
 
+    def invalid_ids(self) -> frozenset[str]:
+        return frozenset(self._invalid)
+
     def write_invalid(self, ids: Iterable[str]) -> None:
         """Record (replacing any earlier list) the ids whose source codes were invalid; none may have codes."""
         invalid = sorted(set(ids))

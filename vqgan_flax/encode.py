@@ -2,10 +2,10 @@
 
     python -m vqgan_flax.encode --vqgan DIR --out CODES_DIR [--batch_size N] IMAGES_OR_DIRS...
 
-Ids are file stems (two files with one stem are an error). Ids already in CODES_DIR are skipped, so an
-interrupted run is finished by running it again. Files that cannot be read or are too small go to
-CODES_DIR/errors.tsv (id, path, reason) and the run goes on; errors.tsv lists the failures of the latest
-run, whose files are retried by the next.
+Ids are file stems (two files with one stem are an error). Ids already in CODES_DIR (or recorded there as
+invalid by a pickle import) are skipped, so an interrupted run is finished by running it again. Files that
+cannot be read or are too small go to CODES_DIR/errors.tsv (id, path, reason) and the run goes on; errors.tsv
+lists the failures of the latest run, whose files are retried by the next.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vqgan_flax import checkpoint
-from vqgan_flax.codes import CodesMeta, CodesWriter
+from vqgan_flax.codes import INVALID_FILE, CodesMeta, CodesWriter
 from vqgan_flax.images import DICOM_MODES, RECIPE, load_image, preprocess
 from vqgan_flax.model import VQGAN
 from vqgan_flax.parallel import DataParallel
@@ -73,9 +73,13 @@ def _prepared(todo: list[tuple[str, Path]], batch_size: int, prepare: Callable[[
 
 def encode_files(model: VQGAN, images: dict[str, Path], writer: CodesWriter, *, batch_size: int = 64,
                  shard_size: int = 4096, dicom_mode: str = "mimic_jpg", workers: int = 8) -> tuple[int, int, int]:
-    """Encode the images not yet in `writer`'s directory; returns (encoded, skipped, failed)."""
-    done = writer.done_ids()
-    todo = [(i, p) for i, p in images.items() if i not in done]
+    """Encode the images not yet in `writer`'s directory; returns (encoded, skipped, failed).
+
+    Ids an import recorded as invalid (the original's pickle held bad codes for them) are skipped too and listed
+    in errors.tsv: the original dropped them before alternating directions, so codes for them would shift it.
+    """
+    done, invalid = writer.done_ids(), writer.invalid_ids()
+    todo = [(i, p) for i, p in images.items() if i not in done and i not in invalid]
     encode = DataParallel(VQGAN.encode, model, batch_size)
     batch_size = encode.batch_size  # a multiple of the device count
     pending_ids: list[str] = []
@@ -92,6 +96,8 @@ def encode_files(model: VQGAN, images: dict[str, Path], writer: CodesWriter, *, 
     with ThreadPoolExecutor(workers) as pool, (writer.path / ERRORS_FILE).open("w") as errors, \
             tqdm(total=len(todo), unit="img", desc="encode") as bar:
         errors.write("id\tpath\treason\n")
+        for i in sorted(invalid.intersection(images)):
+            errors.write(f"{i}\t{images[i]}\tnot encoded: recorded as invalid in {INVALID_FILE} by the import\n")
         try:
             for chunk in _prepared(todo, batch_size, lambda p: _prepare(p, size, dicom_mode), pool):
                 good = [(i, x) for i, _, x in chunk if isinstance(x, np.ndarray)]
