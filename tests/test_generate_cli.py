@@ -11,7 +11,7 @@ from flax import nnx
 from PIL import Image
 
 import vqgan_flax
-from llmcxr_jax import checkpoint, generate
+from llmcxr_jax import checkpoint, generate, prompts
 from llmcxr_jax.convert import load_hf_model
 from llmcxr_jax.generate import Sampler
 from llmcxr_jax.sampling import SamplingParams
@@ -85,7 +85,16 @@ def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path, capsys):
     answers = run_cli(dirs, tmp_path / "answers", "--task", "instruct", "--input_file", str(lines),
                       "--max_new_tokens", "16", "--top_k", "20", "--temperature", "0.8", "--mesh", "1,-1,1")
     assert [r["instruction"] for r in answers] == ["What is an effusion?", "Describe the heart."]
-    assert all(isinstance(r["output"], str) for r in answers)
+    questions = [r["instruction"] for r in answers]
+
+    def direct(sampling: SamplingParams) -> list[str]:
+        sampler = Sampler.from_checkpoint(dirs["ckpt"], dirs["vqgan"], dtype="float32", batch_size=2,
+                                          sampling=sampling)
+        return sampler.instruct(questions, max_new_tokens=16, seed=prompts.DEFAULT_SEED).texts
+
+    # the flags reach the sampler: the same draws as a direct call with them, not those of the defaults
+    assert [r["output"] for r in answers] == direct(SamplingParams(top_k=20, temperature=0.8))
+    assert [r["output"] for r in answers] != direct(SamplingParams())
     printed = capsys.readouterr().out  # text outputs are shown, not only written
     assert all(f"[{r['index']}] {r['output']}\n" in printed for r in answers)
 

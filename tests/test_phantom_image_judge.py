@@ -1,4 +1,5 @@
-"""Image judge: trained on phantoms in seconds, >= 95% per label on held-out phantoms at 64 and 256, also degraded."""
+"""Image judge: trained on phantoms in seconds, >= 95% accuracy and >= 75% recall per label on held-out phantoms
+at 64 and 256, also degraded."""
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
@@ -13,9 +14,15 @@ def judge() -> ImageJudge:
     return train_image_judge()
 
 
-def _per_label_accuracy(predicted: np.ndarray, truth: np.ndarray) -> dict:
+def _assert_reads(predicted: np.ndarray, truth: np.ndarray) -> None:
+    """>= 95% accuracy and >= 75% recall per label: accuracy alone lets rare labels (8 of 150) go unread."""
     assert predicted.shape == truth.shape == (len(truth), len(LABELS))
-    return dict(zip(LABELS, (predicted == truth).mean(axis=0).round(3)))
+    accuracy = dict(zip(LABELS, (predicted == truth).mean(axis=0).round(3)))
+    positives = truth.astype(bool)
+    recall = {label: round(float((predicted.astype(bool)[:, k] & positives[:, k]).sum() / positives[:, k].sum()), 3)
+              for k, label in enumerate(LABELS) if positives[:, k].any()}
+    assert len(recall) == len(LABELS) and min(accuracy.values()) >= 0.95 and min(recall.values()) >= 0.75, (
+        accuracy, recall)
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +32,12 @@ def held_out_256():
 
 def test_held_out_phantoms_at_the_demo_size_are_read_correctly(judge):
     images, labels = phantom_arrays(HELD_OUT_SEED, 400, 64)
-    accuracy = _per_label_accuracy(judge.predict(images), labels)
-    assert min(accuracy.values()) >= 0.95, accuracy
+    _assert_reads(judge.predict(images), labels)
 
 
 def test_held_out_phantoms_at_256_are_read_correctly(judge, held_out_256):
     images, labels = held_out_256
-    accuracy = _per_label_accuracy(judge.predict(images), labels)
-    assert min(accuracy.values()) >= 0.95, accuracy
+    _assert_reads(judge.predict(images), labels)
 
 
 def test_blurred_noisy_phantoms_are_read_correctly(judge, held_out_256):
@@ -40,8 +45,7 @@ def test_blurred_noisy_phantoms_are_read_correctly(judge, held_out_256):
     rng = np.random.default_rng(0)
     blurred = np.stack([gaussian_filter(im.astype(np.float32), 3.0) for im in images])
     degraded = np.clip(blurred + rng.normal(0, 10, images.shape), 0, 255).astype(np.uint8)
-    accuracy = _per_label_accuracy(judge.predict(degraded), labels)
-    assert min(accuracy.values()) >= 0.95, accuracy
+    _assert_reads(judge.predict(degraded), labels)
 
 
 def test_any_size_and_rgb_input_give_the_same_layout(judge):

@@ -73,15 +73,13 @@ def _expected(positive) -> dict:
     return labels
 
 
-def _per_label_accuracy(predicted: np.ndarray, truth: np.ndarray) -> dict:
-    return dict(zip(LABELS, (predicted == truth).mean(axis=0).round(3)))
-
-
 def test_generated_reports_of_held_out_phantoms_are_labelled_correctly():
+    """Every label of every report: a per-label accuracy bar would let rare labels (26 of 400) go unread."""
     cases = list(make_phantoms(seed=11, start=0, count=400, size=32))
-    accuracy = _per_label_accuracy(report_label_array([c.report for c in cases]),
-                                   np.stack([label_vector(c.labels) for c in cases]))
-    assert min(accuracy.values()) >= 0.95, accuracy
+    predicted = report_label_array([c.report for c in cases])
+    truth = np.stack([label_vector(c.labels) for c in cases])
+    wrong = [(cases[i].report, LABELS[j]) for i, j in zip(*np.nonzero(predicted != truth))]
+    assert not wrong, wrong[:5]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -92,12 +90,10 @@ def test_parsed_training_targets_keep_every_label(stage):
         assert report_labels(parse_report(case.report, stage)) == case.labels, case.report
 
 
-def test_paraphrased_reports_are_labelled_correctly():
-    assert len(PARAPHRASES) >= 20
-    texts, positives = zip(*PARAPHRASES)
-    accuracy = _per_label_accuracy(report_label_array(texts),
-                                   np.stack([label_vector(_expected(p)) for p in positives]))
-    assert min(accuracy.values()) >= 0.95, accuracy
+@pytest.mark.parametrize("text, positive", PARAPHRASES)
+def test_paraphrased_reports_are_labelled_correctly(text, positive):
+    assert report_labels(text) == _expected(positive)
+    assert report_label_array([text])[0].tolist() == label_vector(_expected(positive)).tolist()
 
 
 @pytest.mark.parametrize("text, positive", [

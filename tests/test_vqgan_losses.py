@@ -145,6 +145,7 @@ def test_hinge_adaptive_weight_and_codebook_placement_match_taming(taming):
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(2, 4, 6, 6, generator=gen)
     target = torch.randn(2, 3, 6, 6, generator=gen)
+    torch.manual_seed(5)  # the layers' default initialisation: the same weights whatever ran before
     last = torch.nn.Conv2d(4, 3, 3, padding=1)  # the 'last layer' (decoder.conv_out)
     critic = torch.nn.Conv2d(3, 1, 4, padding=1)
     x_hat = last(h)
