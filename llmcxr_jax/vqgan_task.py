@@ -336,9 +336,9 @@ def export(model: VQGAN, discriminator: PatchDiscriminator, lpips: LPIPS | None,
     loss.safetensors beside it holds the discriminator (with running statistics) and LPIPS in taming's names,
     as `vqgan_flax.convert` writes them, so a later fine-tuning run can start from the export.
     """
-    fingerprint = vq_checkpoint.write(directory, model.config, vq_checkpoint.params_of(model), extra_meta)
+    Path(directory).mkdir(parents=True, exist_ok=True)  # loss tensors first: meta.json, written last, completes it
     losses.write_loss_tensors(directory, losses.to_taming_tensors(discriminator, lpips, disc_num_layers))
-    return fingerprint
+    return vq_checkpoint.write(directory, model.config, vq_checkpoint.params_of(model), extra_meta)
 
 
 def _restore_target(module: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:

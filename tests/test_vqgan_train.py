@@ -199,8 +199,13 @@ def test_eight_devices_agree_with_one(straight, tmp_path):
     assert len(moved) == 3  # the BatchNorm running means moved, and moved alike on both meshes
 
 
-def test_export_and_fine_tuning_start_from_it(straight, tmp_path):
+def test_export_and_fine_tuning_start_from_it(straight, tmp_path, monkeypatch):
     config, workdir, fingerprint = straight
+    with monkeypatch.context() as patch:  # killed while writing the loss tensors: the export must not look done
+        patch.setattr(losses, "write_loss_tensors", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            vqgan_task.export_workdir(workdir, tmp_path / "again")
+    assert not (tmp_path / "again" / "meta.json").exists()
     assert vqgan_task.export_workdir(workdir, tmp_path / "again") == fingerprint
     tensors = losses.read_loss_tensors(workdir / "export")
     assert sorted(k.split(".")[3] for k in tensors if k.endswith("running_mean")) == ["3", "6", "9"]
