@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from llmcxr_jax import parallel
 from llmcxr_jax.lm_checkpoint import checkpoint_kind
