@@ -92,6 +92,11 @@ def _in_validation(relative: str, fraction: float) -> bool:
     return int(hashlib.sha1(relative.encode()).hexdigest()[:12], 16) / 16**12 < fraction
 
 
+def example_key(root: Path, path: Path) -> str:
+    """An image's id and example key: its path under `root` without the suffix."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
 def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dict[str, str]]:
     """(split -> files, skipped file -> reason) before any image is decoded."""
     files = find_images(root)
@@ -99,8 +104,8 @@ def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dic
         raise mimic_files.ManualFilesMissingError(f"{root}: no {'/'.join(SUFFIXES)} files found (searched "
                                                   "recursively); put the chest X-rays there")
     by_key: dict[str, list[str]] = {}
-    for p in files:  # an example's key is its path without the suffix: a.png and a.jpg would collide at the end
-        by_key.setdefault(p.relative_to(root).with_suffix("").as_posix(), []).append(p.relative_to(root).as_posix())
+    for p in files:  # a.png and a.jpg would share a key and collide only after every image was processed
+        by_key.setdefault(example_key(root, p), []).append(p.relative_to(root).as_posix())
     clashes = [names for names in by_key.values() if len(names) > 1]
     if clashes:
         shown = "; ".join(", ".join(names) for names in clashes[:10])
@@ -164,14 +169,14 @@ class CxrImages(LocalFilesBuilder):
             for start in range(0, len(files), _CHUNK):
                 chunk = files[start:start + _CHUNK]
                 for path, result in zip(chunk, pool.map(one, chunk)):
-                    key = path.relative_to(root).with_suffix("").as_posix()
+                    key = example_key(root, path)
                     if isinstance(result, str):
                         skipped[path.relative_to(root).as_posix()] = result
                         continue
                     self.build_counts["kept"][split] += 1
                     yield key, {"image_id": key, "image": png_bytes(result)}
         if not self.build_counts["kept"][split]:  # TFDS would only say "No examples were yielded"
-            reasons = [f"{p.relative_to(root).as_posix()}: {skipped[p.relative_to(root).as_posix()]}" for p in files]
+            reasons = [f"{name}: {skipped[name]}" for name in (p.relative_to(root).as_posix() for p in files)]
             raise ValueError(f"{root}: none of the {len(files)} images of split {split!r} is usable, e.g. "
                              + "; ".join(reasons[:3]))
         self.info.metadata["skipped"] = dict(sorted(skipped.items()))
