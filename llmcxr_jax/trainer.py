@@ -318,7 +318,8 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
             eval_now = eval_fn is not None and eval_iter_fn is not None and loop.eval_every and (
                 step % loop.eval_every == 0 or last)
             image_now = image_fn is not None and loop.image_every and (step % loop.image_every == 0 or last)
-            if save_now or eval_now or image_now:
+            side_work = save_now or eval_now or image_now
+            if side_work:
                 jax.block_until_ready(state)  # the step itself still counts as training
                 set_aside = time.perf_counter()
             if save_now:
@@ -336,7 +337,7 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                     logger.scalars(step, "eval", task.summarize(sums))
             if image_now:
                 logger.images(step, "train", image_fn(state))
-            if save_now or eval_now or image_now:
+            if side_work:
                 aside += time.perf_counter() - set_aside
             if stop:
                 logger.message(f"SIGTERM: saved a checkpoint at step {step}; exiting cleanly")
