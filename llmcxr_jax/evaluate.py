@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llmcxr_jax import metrics
+from llmcxr_jax import metrics, parallel
 from llmcxr_jax.data.mimic_codes import default_codes_path, load_codes, vqgan_metadata
 from llmcxr_jax.data.mimic_files import (METADATA_CSV, REPORTS_DIR, SELECTED_VIEWS, SPLIT_CSV, WHERE,
                                          read_metadata_csv, read_split_csv, require_files, rows_of_split)
@@ -466,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "mimic":
+        parallel.enable_compilation_cache()
         selection = select_mimic_eval(args.manual_dir, args.codes or default_codes_path(args.manual_dir),
                                       read_eval_ids(args.eval_ids), tuple(args.grid), args.num_codes)
         settings = _sampler_settings(args)

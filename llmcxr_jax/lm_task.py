@@ -235,7 +235,7 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
                 "seq_len": jnp.asarray(ids.shape[1], jnp.float32), "steps": jnp.ones((), jnp.float32)}
 
     return trainer.Task(
-        name="lm", create_state=create_state, train_step=step, batch_axes=BATCH_AXES, summarize=summarize,
+        create_state=create_state, train_step=step, batch_axes=BATCH_AXES, summarize=summarize,
         eval_step=lambda s, b: eval_step(s, b, step_cfg), initial_state=initial_state, throughput=throughput,
         metadata=metadata,
         check_restored_metadata=lambda m: check_compatible(m, metadata, "the workdir's latest checkpoint (resuming)"),

@@ -358,10 +358,11 @@ class GPTNeoX(nnx.Module):
         kernel = self.head_kernel()
         return lm_head(h, kernel if vocab_range is None else kernel[:, vocab_range[0]:vocab_range[1]])
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache in the compute dtype for `max_length` positions per row."""
         cfg = self.config
         shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_attention_heads, cfg.head_dim)
-        dt = resolve_dtype(dtype or cfg.dtype)
+        dt = resolve_dtype(cfg.dtype)
         return KVCache(
             k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch_size, max_length), bool),
             next_position=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
@@ -436,8 +437,3 @@ def extend_vocab(model: GPTNeoX, new_vocab_size: int, rngs: nnx.Rngs) -> GPTNeoX
     model.config = cfg.replace(vocab_size=new_vocab_size)
     return model
 
-
-def count_params(model_or_state: Any) -> int:
-    """Number of parameters (works on abstract models from `nnx.eval_shape`)."""
-    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -19,7 +19,7 @@ __all__ = [
     "INTRO_BLURB", "INSTRUCTION_KEY", "INPUT_KEY", "RESPONSE_KEY", "END_KEY", "RESPONSE_KEY_NL", "DEFAULT_SEED",
     "PROMPT_WITH_INPUT_FORMAT", "PROMPT_NO_INPUT_FORMAT", "PROMPT_FOR_GENERATION_FORMAT",
     "PROMPT_FOR_GENERATION_FORMAT_NOINPUT", "CXR_VQ_INPUT_INSTRUCTION_LIST", "CXR_VQ_OUTPUT_INSTRUCTION_LIST",
-    "CXR_VQ_VQ_REPLACE_TEMPLATE", "Direction", "Example", "choose_direction", "choose_instruction", "inject_image",
+    "CXR_VQ_VQ_REPLACE_TEMPLATE", "Direction", "Example", "choose_instruction", "inject_image",
     "completion_loss_weights", "cxr_to_report_example", "report_to_cxr_example", "instruction_example",
     "vqa_example", "generation_prompt_ids", "extract_response_text", "extract_image_codes",
 ]
@@ -87,11 +87,6 @@ def _stable_draw(seed: int, record_id: str, purpose: str, n: int) -> int:
     """An index in [0, n) fixed by (seed, record id, purpose): the same on every epoch, restart and host."""
     digest = hashlib.sha256(f"{seed}\x00{purpose}\x00{record_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % n
-
-
-def choose_direction(seed: int, record_id: str) -> Direction:
-    """A fixed, ~50/50 task direction per record (the original alternates over sorted ids instead, SPEC §6)."""
-    return ("cxr2report", "report2cxr")[_stable_draw(seed, str(record_id), "direction", 2)]
 
 
 def choose_instruction(seed: int, record_id: str, direction: Direction) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,24 +80,15 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     if config.model.attention_impl == "cudnn" and mesh.devices.flat[0].platform != "gpu":
         raise ValueError(f"model.attention_impl='cudnn' needs GPUs, not {mesh.devices.flat[0].platform}; use 'auto' "
                          "(cuDNN where it applies) or 'xla'")
-    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    trainer.check_train_settings(config.train, mesh)
     gbs, mbs = config.train.global_batch_size, config.train.micro_batches
-    for key in ("global_batch_size", "micro_batches", "loss_group_size"):
-        if config.train[key] < 1:
-            raise ValueError(f"train.{key}={config.train[key]} must be at least 1")
-    if gbs % mbs:
-        raise ValueError(f"train.global_batch_size={gbs} is not divisible by train.micro_batches={mbs}")
-    if (gbs // mbs) % data_shards:
-        raise ValueError(f"a micro-batch of {gbs // mbs} sequences does not divide over the {data_shards} "
-                         f"data×fsdp shards of mesh {dict(mesh.shape)}; change train.global_batch_size or mesh.shape")
-    if gbs % jax.process_count():
-        raise ValueError(f"train.global_batch_size={gbs} is not divisible by {jax.process_count()} processes")
+    if config.train.loss_group_size < 1:
+        raise ValueError(f"train.loss_group_size={config.train.loss_group_size} must be at least 1")
     if config.train.loss_mode == "original" and (gbs // mbs) % config.train.loss_group_size:
         raise ValueError(f"loss_mode 'original' needs micro-batches divisible by loss_group_size="
                          f"{config.train.loss_group_size}")
     if config.train.loss_chunk < 0:
         raise ValueError(f"train.loss_chunk={config.train.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
-    trainer.check_loop_settings(config.train)
     if config.init.hf_dir and config.init.workdir:
         raise ValueError("set only one of init.hf_dir (stage 1) and init.workdir (stage 2)")
 
@@ -273,29 +265,31 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
         return dry_run(task, lm_batch_shapes(config), what, mesh, rules)
     if config.data.source != "synthetic" and jax.process_index() == 0:
         load_tokenizer(config).save(checkpoint.local_path(workdir, "--workdir"))  # the sampler reads it from there
-    loop = trainer.LoopConfig(
-        total_steps=steps, log_every=config.train.log_every, eval_every=config.train.eval_every,
-        checkpoint_every=config.train.checkpoint_every, keep_checkpoints=config.train.keep_checkpoints,
-        epoch_steps=steps_per_epoch or 0, keep_epoch_checkpoints=config.train.epoch_checkpoints,
-        async_checkpoints=config.train.async_checkpoints, progress=config.train.progress)
+    loop = trainer.loop_config(config.train, steps, epoch_steps=steps_per_epoch or 0)
     return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter,
                          eval_iter_fn=make_eval_data(config, task.batch_axes))
 
 
-def main(argv: list[str]) -> None:
+def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: str) -> None:
+    """The trainer CLIs' main: check the flags, then `run_fn(config, workdir, dry=, topology=)` with the errors a
+    user can cause as one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS["config"].present:
-        raise app.UsageError("--config is required, e.g. --config configs/stage1.py")
+        raise app.UsageError(f"--config is required, e.g. --config {example_config}")
     if not FLAGS.dry_run and not FLAGS.workdir:
         raise app.UsageError("--workdir is required (checkpoints and logs go there)")
     if FLAGS.topology and not FLAGS.dry_run:
         raise app.UsageError("--topology only makes sense with --dry_run")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
     try:
-        run(config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
+        run_fn(config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
+
+
+def main(argv: list[str]) -> None:
+    run_from_flags(argv, run, "configs/stage1.py")
 
 
 if __name__ == "__main__":

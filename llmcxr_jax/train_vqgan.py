@@ -8,37 +8,25 @@ checkpoint later.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from llmcxr_jax import parallel, train, trainer, vqgan_task
 from llmcxr_jax.data import image_builder
-from llmcxr_jax.train import FLAGS  # --config, --workdir, --dry_run, --topology
-
-flags.adopt_module_key_flags(train)  # so --help lists them
+flags.adopt_module_key_flags(train)  # --config, --workdir, --dry_run, --topology: so --help lists them
 
 EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the training ones (as cxr_phantoms' test)
 
 
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     """Errors a user can cause, caught before anything is built."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch, k = config.train.global_batch_size, config.train.micro_batches
-    if batch < 1 or k < 1:
-        raise ValueError(f"train.global_batch_size={batch} and train.micro_batches={k} must be at least 1")
-    if batch % k or (batch // k) % shards:
-        raise ValueError(f"train.global_batch_size={batch} must split into train.micro_batches={k} micro-batches that "
-                         f"each divide over the {shards} data×fsdp shards of mesh {dict(mesh.shape)}")
-    if batch % jax.process_count():
-        raise ValueError(f"train.global_batch_size={batch} is not divisible by {jax.process_count()} processes")
+    trainer.check_train_settings(config.train, mesh)
     if config.train.num_steps <= 0:
         raise ValueError("train.num_steps must be > 0 (VQ-GAN training runs for a number of steps)")
-    trainer.check_loop_settings(config.train)
 
 
 def image_sources(config: Any) -> tuple[Any, Any]:
@@ -78,6 +66,7 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
     the TPU `topology` when one is named (ahead of time, no TPU needed).
     """
     parallel.initialize(config.distributed)
+    parallel.enable_compilation_cache()
     if topology:
         mesh = train.topology_mesh(topology, config.mesh.shape)
     mesh = mesh or parallel.make_mesh(config.mesh.shape)
@@ -103,11 +92,7 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
     preview = np.stack([to_input(preview_source[i])["images"] for i in range(n)]) if n else None
     task = vqgan_task.build_task(config, preview=preview)
     t = config.train
-    loop = trainer.LoopConfig(total_steps=t.num_steps, log_every=t.log_every, eval_every=t.eval_every,
-                              image_every=t.image_every, checkpoint_every=t.checkpoint_every,
-                              keep_checkpoints=t.keep_checkpoints, async_checkpoints=t.async_checkpoints,
-                              progress=t.progress)
-    state = trainer.train(task, loop, mesh=mesh, rules=parallel.DEFAULT_RULES, workdir=workdir,
+    state = trainer.train(task, trainer.loop_config(t, t.num_steps), mesh=mesh, rules=parallel.DEFAULT_RULES, workdir=workdir,
                           train_iter=train_iter, eval_iter_fn=eval_iter_fn)
     if int(state["gen_optimizer"]["step"].get_value()) != t.num_steps:
         return None
@@ -119,18 +104,7 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS["config"].present or not (FLAGS.workdir or FLAGS.dry_run):
-        raise app.UsageError("--config (e.g. configs/vqgan.py:demo) and --workdir (or --dry_run) are required")
-    if FLAGS.topology and not FLAGS.dry_run:
-        raise app.UsageError("--topology only makes sense with --dry_run")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    parallel.enable_compilation_cache()
-    try:
-        run(train.config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
-    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+    train.run_from_flags(argv, run, "configs/vqgan.py:demo")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ class Task:
     may compute on global arrays, and process 0 writes them.
     """
 
-    name: str
     create_state: Callable[[], nnx.Module]
     train_step: Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
     batch_axes: dict[str, tuple[str | None, ...]]
@@ -73,13 +72,36 @@ class LoopConfig:
     progress: bool = True
 
 
-def check_loop_settings(train_config: Any) -> None:
-    """The `train.*` loop settings both trainers share; before any file is written."""
-    for key in ("log_every", "eval_every", "checkpoint_every", "epoch_checkpoints"):
-        if train_config.get(key, 0) < 0:
-            raise ValueError(f"train.{key}={train_config[key]} must be >= 0 (0 = never)")
-    if train_config.keep_checkpoints < 1:  # Orbax's max_to_keep=0 deletes every checkpoint, the final one too
-        raise ValueError(f"train.keep_checkpoints={train_config.keep_checkpoints} must be at least 1")
+def loop_config(train_config: Any, total_steps: int, epoch_steps: int = 0) -> LoopConfig:
+    """The loop settings of a config's `train` block (keys named as LoopConfig's fields)."""
+    t = train_config
+    return LoopConfig(total_steps=total_steps, log_every=t.log_every, eval_every=t.eval_every,
+                      image_every=t.get("image_every", 0), checkpoint_every=t.checkpoint_every,
+                      keep_checkpoints=t.keep_checkpoints, epoch_steps=epoch_steps,
+                      keep_epoch_checkpoints=t.get("epoch_checkpoints", 0), async_checkpoints=t.async_checkpoints,
+                      progress=t.progress)
+
+
+def check_train_settings(train_config: Any, mesh: Mesh) -> None:
+    """The `train.*` batch and loop settings both trainers share; before anything is built or written."""
+    t = train_config
+    for key in ("global_batch_size", "micro_batches"):
+        if t[key] < 1:
+            raise ValueError(f"train.{key}={t[key]} must be at least 1")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    gbs, mbs = t.global_batch_size, t.micro_batches
+    if gbs % mbs:
+        raise ValueError(f"train.global_batch_size={gbs} is not divisible by train.micro_batches={mbs}")
+    if (gbs // mbs) % shards:
+        raise ValueError(f"a micro-batch of {gbs // mbs} does not divide over the {shards} data×fsdp shards of mesh "
+                         f"{dict(mesh.shape)}; change train.global_batch_size or mesh.shape")
+    if gbs % jax.process_count():
+        raise ValueError(f"train.global_batch_size={gbs} is not divisible by {jax.process_count()} processes")
+    for key in ("log_every", "eval_every", "image_every", "checkpoint_every", "epoch_checkpoints"):
+        if t.get(key, 0) < 0:
+            raise ValueError(f"train.{key}={t[key]} must be >= 0 (0 = never)")
+    if t.keep_checkpoints < 1:  # Orbax's max_to_keep=0 deletes every checkpoint, the final one too
+        raise ValueError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 1")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -320,7 +320,7 @@ def build_task(config: Any, preview: np.ndarray | None = None) -> trainer.Task:
                                                                                        jnp.asarray(preview))))}
 
     return trainer.Task(
-        name="vqgan", create_state=create_state, train_step=lambda s, b: train_step(s, b, step_cfg),
+        create_state=create_state, train_step=lambda s, b: train_step(s, b, step_cfg),
         batch_axes=BATCH_AXES, summarize=summarize, eval_step=lambda s, b: eval_step(s, b, step_cfg),
         initial_state=initial_state, throughput=throughput, metadata=metadata,
         check_restored_metadata=check_restored_metadata, images=images_fn)

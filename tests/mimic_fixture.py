@@ -43,7 +43,7 @@ class Study:
 
     def text(self) -> str:
         """The report file: a header, then the sections its kind has, with ragged lines and blank lines."""
-        head = f"                FINAL REPORT\n EXAMINATION:  CHEST\n\n INDICATION:  ___ with cough\n\n"
+        head = "                FINAL REPORT\n EXAMINATION:  CHEST\n\n INDICATION:  ___ with cough\n\n"
         findings = f" FINDINGS:\n\n {self.findings}\n \n"
         impression = f" IMPRESSION:\n {self.impression}\n"
         body = {"findings_impression": findings + impression, "impression_only": impression,

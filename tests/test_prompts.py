@@ -220,8 +220,6 @@ def test_choices_are_fixed_per_record_and_spread():
         counts = Counter(picks)
         assert set(counts) == set(phrasings) and min(counts.values()) > 140  # ~200 each
         assert picks != [prompts.choose_instruction(7, r, direction) for r in ids]  # the seed matters
-    directions = Counter(prompts.choose_direction(42, r) for r in ids)
-    assert set(directions) == {"cxr2report", "report2cxr"} and abs(directions["cxr2report"] - 1000) < 100
     with pytest.raises(ValueError, match="direction must be one of"):
         prompts.choose_instruction(42, "x", "cxr")
 

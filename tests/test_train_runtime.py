@@ -264,7 +264,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     (["--config.model.attention_impl=cudnn"], "error: model.attention_impl='cudnn' needs GPUs, not cpu"),
     (["--config.mesh.shape=(1,3,1)"], "mesh shape (1, 3, 1) needs 3 devices, but 8 are available"),
     (["--config.train.global_batch_size=4", "--config.mesh.shape=(1,8,1)"],
-     "a micro-batch of 4 sequences does not divide over the 8 data×fsdp shards"),
+     "a micro-batch of 4 does not divide over the 8 data×fsdp shards"),
     (["--config.train.micro_batches=0"], "train.micro_batches=0 must be at least 1"),
     (["--config.train.loss_mode=original", "--config.train.loss_group_size=0"],
      "train.loss_group_size=0 must be at least 1"),

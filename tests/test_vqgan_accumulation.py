@@ -78,12 +78,12 @@ def test_accumulation_with_the_gan_follows_lightnings_order():
 
 def test_micro_batches_must_split_the_batch_over_the_mesh():
     config = load_config("vqgan", "tiny")
-    for k, match in ((3, "micro_batches=3 micro-batches"), (0, "must be at least 1")):
+    for k, match in ((3, "not divisible by train.micro_batches=3"), (0, "must be at least 1")):
         config.train.micro_batches = k
         with pytest.raises(ValueError, match=match):
             train_vqgan.check_config(config, mesh_of((1, 1, 1)))
     config.train.micro_batches = 2  # 4 images per micro-batch over 8 shards
-    with pytest.raises(ValueError, match="each divide over the 8 data×fsdp shards"):
+    with pytest.raises(ValueError, match="micro-batch of 4 does not divide over the 8 data×fsdp shards"):
         train_vqgan.check_config(config, mesh_of((1, 8, 1)))
 
 

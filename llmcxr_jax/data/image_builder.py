@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from llmcxr_jax.data import mimic_files
+from llmcxr_jax.data.process_share import IN_CALLING_THREAD, process_share
 from llmcxr_jax.data.tfds_local import LocalFilesBuilder
 from vqgan_flax.images import ImageLoadError, ImageTooSmallError, load_image, preprocess
 
@@ -210,37 +210,25 @@ class ToModelInput:
         return {"images": pixels / np.float32(255) * np.float32(2) - np.float32(1)}
 
 
-def _process_slice(global_batch_size: int, process_index: int | None, process_count: int | None,
-                   ) -> tuple[int, int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if global_batch_size <= 0 or global_batch_size % count:
-        raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of {count} processes")
-    return index, count, global_batch_size // count
-
-
-_IN_THREAD = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-
-
 def make_image_iterator(source: Sequence[Mapping[str, Any]], *, global_batch_size: int, resolution: int,
                         seed: int = 0, process_index: int | None = None, process_count: int | None = None,
-                        read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+                        ) -> grain.DatasetIterator:
     """Endless {"images": float32 (B_local, H, W, 3)} batches: this process's records (`[index::count]`), shuffled by
     `seed` (reshuffled every epoch), cut into full batches. `get_state`/`set_state` round-trip through JSON."""
-    index, count, local = _process_slice(global_batch_size, process_index, process_count)
+    index, count, local = process_share(global_batch_size, process_index, process_count)
     records = grain.MapDataset.source(source)[index::count]
     if len(records) < local:
         raise ValueError(f"{len(records)} records for this process are fewer than one batch of {local}")
     batches = records.shuffle(seed).repeat().map(ToModelInput(resolution)).batch(local, drop_remainder=True)
-    return iter(batches.to_iter_dataset(read_options or _IN_THREAD))
+    return iter(batches.to_iter_dataset(IN_CALLING_THREAD))
 
 
 def make_eval_iterator(source: Sequence[Mapping[str, Any]], *, global_batch_size: int, resolution: int,
                        max_batches: int = 0, process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One unshuffled pass of full batches (the remainder is left out), at most `max_batches` (0: all)."""
-    index, count, local = _process_slice(global_batch_size, process_index, process_count)
+    index, count, local = process_share(global_batch_size, process_index, process_count)
     num = len(source) // global_batch_size
     num = min(num, max_batches) if max_batches else num
     records = grain.MapDataset.source(source)[: num * global_batch_size][index::count]
-    return iter(records.map(ToModelInput(resolution)).batch(local, drop_remainder=True).to_iter_dataset(_IN_THREAD))
+    return iter(records.map(ToModelInput(resolution)).batch(local, drop_remainder=True).to_iter_dataset(IN_CALLING_THREAD))

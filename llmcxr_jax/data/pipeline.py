@@ -38,13 +38,13 @@ import numpy as np
 from llmcxr_jax.data.batching import DEFAULT_LENGTHS, bucket_for, check_lengths, pad_batch
 from llmcxr_jax.data.formatting import KINDS, make_formatter
 from llmcxr_jax.data.mixing import mix_all_exhausted
+from llmcxr_jax.data.process_share import IN_CALLING_THREAD, process_share
 from llmcxr_jax.prompts import DEFAULT_SEED
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 RecordSource = Sequence[Mapping[str, Any]]
 DEFAULT_WEIGHTS = {"mimic+vqa": 0.8, "dolly": 0.2}
 DEFAULT_MAX_LENGTH = 2048
-_IN_THREAD = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 class LmIterator(grain.DatasetIterator):
@@ -116,17 +116,6 @@ def _seed(seed: int, *tags: int) -> int:
     return int(np.random.SeedSequence([seed, *tags]).generate_state(1)[0])
 
 
-def _processes(process_index: int | None, process_count: int | None, global_batch_size: int) -> tuple[int, int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise ValueError(f"process_index {index} outside 0..{count - 1}")
-    if global_batch_size <= 0 or global_batch_size % count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                         f"{count} processes")
-    return index, count, global_batch_size // count
-
-
 def _width_agreement(count: int) -> Callable[[int], int] | None:
     """With several JAX processes, the widest of their buckets for each batch: a process padding to its own
     would compile a different step, and the collectives would not match. None for one process (or when
@@ -155,12 +144,9 @@ def make_lm_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrToken
                      process_index: int | None = None, process_count: int | None = None,
                      seed: int = DEFAULT_SEED, weights: Mapping[str, float] | None = None,
                      lengths: Sequence[int] = DEFAULT_LENGTHS, max_length: int = DEFAULT_MAX_LENGTH,
-                     num_epochs: int | None = None, read_options: grain.ReadOptions | None = None) -> LmIterator:
-    """The training iterator of this process (`num_epochs=None`: endless). Processes default to JAX's.
-
-    `read_options` lets Grain format examples in threads (default: in the calling thread).
-    """
-    index, count, batch_size = _processes(process_index, process_count, global_batch_size)
+                     num_epochs: int | None = None) -> LmIterator:
+    """The training iterator of this process (`num_epochs=None`: endless). Processes default to JAX's."""
+    index, count, batch_size = process_share(global_batch_size, process_index, process_count)
     lengths = check_lengths(lengths, max_length)
     groups = resolve_groups(list(sources), weights)
     datasets = [_group(sources, members, tokenizer, seed, slice(index, None, count)).shuffle(_seed(seed, 1, g))
@@ -170,7 +156,7 @@ def make_lm_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrToken
     per_epoch = len(mixed) // batch_size
     if per_epoch == 0:
         raise ValueError(f"an epoch of {len(mixed)} examples per process is shorter than one batch of {batch_size}")
-    stream = mixed.shuffle(_seed(seed, 2)).repeat().to_iter_dataset(read_options or _IN_THREAD)
+    stream = mixed.shuffle(_seed(seed, 2)).repeat().to_iter_dataset(IN_CALLING_THREAD)
     return LmIterator(iter(stream), batch_size=batch_size, lengths=lengths, max_length=max_length,
                       pad_id=tokenizer.pad_id, num_batches=None if num_epochs is None else num_epochs * per_epoch,
                       batches_per_epoch=per_epoch, pad_rows=False, agree_width=_width_agreement(count))
@@ -180,15 +166,15 @@ def make_eval_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrTok
                        process_index: int | None = None, process_count: int | None = None,
                        seed: int = DEFAULT_SEED, weights: Mapping[str, float] | None = None,
                        lengths: Sequence[int] = DEFAULT_LENGTHS, max_length: int = DEFAULT_MAX_LENGTH,
-                       read_options: grain.ReadOptions | None = None) -> LmIterator:
+                       ) -> LmIterator:
     """One unshuffled pass over the mix of `sources` (e.g. validation splits), split over processes."""
-    index, count, batch_size = _processes(process_index, process_count, global_batch_size)
+    index, count, batch_size = process_share(global_batch_size, process_index, process_count)
     lengths = check_lengths(lengths, max_length)
     groups = resolve_groups(list(sources), weights)
     mixed = mix_all_exhausted([_group(sources, members, tokenizer, seed, slice(None)) for members, _ in groups],
                               [w for _, w in groups])
     num_batches = math.ceil(math.ceil(len(mixed) / count) / batch_size)
-    stream = mixed[index::count].to_iter_dataset(read_options or _IN_THREAD)
+    stream = mixed[index::count].to_iter_dataset(IN_CALLING_THREAD)
     return LmIterator(iter(stream), batch_size=batch_size, lengths=lengths, max_length=max_length,
                       pad_id=tokenizer.pad_id, num_batches=num_batches, batches_per_epoch=num_batches, pad_rows=True,
                       agree_width=_width_agreement(count))
