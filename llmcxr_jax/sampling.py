@@ -137,9 +137,10 @@ def _top_p_floor_search(scores: jax.Array, limit: np.float32) -> jax.Array:
 
 
 def _floor(c: _Candidates, params: SamplingParams):
-    """(whether every row's kept set lies among the candidates, the floor read from them, the exact floor).
+    """(per row: whether its kept set lies among the candidates; the floor read from them; the exact floor).
 
-    The floor is the smallest kept score; the exact one is a thunk, for `lax.cond` to run only when needed.
+    The floor is the smallest kept score; the exact one is a thunk, for `lax.cond` to run only when some row
+    needs it.
     """
     vocab, k = c.scores.shape[-1], c.top.shape[-1]
     if params.top_p < 1.0:
@@ -148,10 +149,10 @@ def _floor(c: _Candidates, params: SamplingParams):
         kept = _kept_by_top_p(jnp.cumsum(probs, axis=-1) - probs, limit).at[:, 0].set(True)  # min_tokens_to_keep
         inside = jnp.take_along_axis(c.top, kept.sum(-1, keepdims=True) - 1, axis=-1)[:, 0]
         # The best score outside has all of the candidates' mass above it: HF drops it iff not kept by that rule.
-        covered = jnp.all(~_kept_by_top_p(probs.sum(-1), limit))
+        covered = ~_kept_by_top_p(probs.sum(-1), limit)
         return covered, inside, lambda: _top_p_floor_search(c.scores, limit)
     floor = c.top[:, min(params.top_k, vocab) - 1] if params.top_k else jnp.full(c.top.shape[:1], -jnp.inf)
-    covered = jnp.all(c.top[:, -1] == -jnp.inf) if params.top_k and k < vocab else k == vocab
+    covered = c.top[:, -1] == -jnp.inf if params.top_k and k < vocab else jnp.full(c.top.shape[:1], k == vocab)
     return covered, floor, lambda: floor
 
 
@@ -159,14 +160,15 @@ def warp_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """HF's temperature, top-k and top-p warpers on (batch, vocab) logits: fp32 scores, -inf where removed."""
     c = _candidates(logits, params)
     covered, inside, exact = _floor(c, params)
-    floor = jax.lax.cond(covered, lambda: inside, exact)
+    floor = jax.lax.cond(jnp.all(covered), lambda: inside, lambda: jnp.where(covered, inside, exact()))
     return jnp.where(c.scores < floor[:, None], -jnp.inf, c.scores)
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
     """Next token per row from (batch, vocab) logits: argmax, or one draw per row key from the warped scores.
 
-    When the kept set lies among the candidates the draw is among them (a few random numbers, not one per id).
+    When a row's kept set lies among the candidates its draw is among them (a few random numbers, not one per
+    id), else over the vocabulary; the choice is the row's own, so its draws do not depend on its neighbours.
     """
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -178,10 +180,11 @@ def select_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) ->
         choice = draw(keys, jnp.where(c.top < inside[:, None], -jnp.inf, c.top))
         return jnp.take_along_axis(c.top_ids, choice[:, None], axis=-1)[:, 0]
 
-    def over_vocabulary():
-        return draw(keys, jnp.where(c.scores < exact()[:, None], -jnp.inf, c.scores))
+    def row_by_row():
+        over_vocabulary = draw(keys, jnp.where(c.scores < exact()[:, None], -jnp.inf, c.scores))
+        return jnp.where(covered, among_candidates(), over_vocabulary)
 
-    return jax.lax.cond(covered, among_candidates, over_vocabulary).astype(jnp.int32)
+    return jax.lax.cond(jnp.all(covered), among_candidates, row_by_row).astype(jnp.int32)
 
 
 def row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:

@@ -73,6 +73,23 @@ def test_sampled_frequencies_match_the_warped_distribution(candidates):
     assert chi2 < scipy.stats.chi2.ppf(0.999, kept.sum() - 1)
 
 
+
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_a_rows_draw_ignores_its_neighbours(top_k):
+    """A peaked row (nucleus among the 16 candidates) draws the same token with the same key whether its batch
+    holds only peaked rows or also a flat one (nucleus wider than the candidates)."""
+    rng = np.random.default_rng(2)
+    peaked = rng.standard_normal((1, 3000)).astype(np.float32) * 6.0
+    flat = rng.standard_normal((1, 3000)).astype(np.float32) * 0.5
+    params = SamplingParams(top_k=top_k, top_p=0.92, candidates=4 if top_k else 16)
+    select = jax.jit(select_tokens, static_argnames="params")
+    alone, beside_flat = [], []
+    for seed in range(100):
+        keys = jax.random.split(jax.random.key(seed), 2)
+        alone.append(int(select(jnp.asarray(np.concatenate([peaked, peaked])), keys, params=params)[0]))
+        beside_flat.append(int(select(jnp.asarray(np.concatenate([peaked, flat])), keys, params=params)[0]))
+    assert alone == beside_flat and len(set(alone)) > 1
+
 # ---- the loop against transformers' generate ---------------------------------------------------------------
 
 PROMPT_LENGTHS = (5, 23, 9, 14)
