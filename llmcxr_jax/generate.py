@@ -168,6 +168,8 @@ class Sampler:
         """
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+        if len(prompt_ids) == 0:
+            raise ValueError("no prompts to generate from")
         row_ids = list(range(len(prompt_ids)) if row_ids is None else row_ids)
         if len(row_ids) != len(prompt_ids):
             raise ValueError(f"{len(row_ids)} row ids for {len(prompt_ids)} prompts")
@@ -184,7 +186,10 @@ class Sampler:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {spec.max_new_tokens} exceeds the "
                              f"model's max_position_embeddings {self.max_positions}; shorten the input or lower "
                              "max_new_tokens")
-        rows = max(1, min(self.batch_size, _round_up(len(prompt_ids), self._data_shards())))  # none: no batch
+        # Fewer prompts than batch_size decode in the next power of two of rows: few programs to compile (the
+        # resampling retries and evaluation's instruction groups shrink the batch), little work on padding rows.
+        bucket = 1 << max(len(prompt_ids) - 1, 0).bit_length()
+        rows = min(self.batch_size, _round_up(bucket, self._data_shards()))
         ids, timings = [], []
         for start in tqdm(range(0, len(prompt_ids), rows), disable=not progress, unit="batch", desc="generate"):
             chunk = [list(p) for p in prompt_ids[start:start + rows]]
@@ -287,6 +292,11 @@ class Sampler:
     def _resample_codes(self, base: list[list[int]], num_codes: int, seed: int, max_tries: int,
                         max_new_tokens: int, progress: bool) -> tuple[list, list[np.ndarray], list[int], list[dict]]:
         """The original's loop (free sampling, extract, redraw the failures), bounded by `max_tries`."""
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        if max_new_tokens < num_codes:
+            raise ValueError(f"max_new_tokens={max_new_tokens} cannot hold an image of {num_codes} codes; use "
+                             f"more (default {DEFAULT_MAX_NEW_TOKENS['report2cxr']})")
         spec = DecodeSpec(max_new_tokens, self.sampling, end_id=self.tokenizer.end_id, pad_id=self.tokenizer.pad_id)
         codes: list = [None] * len(base)
         responses: list = [None] * len(base)
@@ -364,6 +374,8 @@ class Sampler:
         """VQ-GAN encode or decode in fixed-size chunks (one compile per op)."""
         if self.vqgan is None:
             raise ValueError(f"no VQ-GAN loaded, so images cannot be {op}d; pass vqgan_dir / --vqgan")
+        if len(batch) == 0:
+            raise ValueError(f"no images to {op}")
         if op not in self._vqgan_fns:
             graphdef, state = nnx.split(self.vqgan)
             fn = jax.jit(lambda s, x: getattr(nnx.merge(graphdef, s), op)(x))
@@ -500,17 +512,21 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Generate for every input and write `results.jsonl` (and PNGs for report2cxr) to `args.out`."""
     inputs = read_inputs(args)
+    if args.instruction is not None and not args.instruction.strip():
+        raise ValueError("--instruction is empty; leave it out for the original's instruction phrasings")
     if args.guidance_scale is not None and args.task != "report2cxr":
         raise ValueError(f"--guidance_scale is only for report2cxr, not {args.task}")
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     # Unreadable image files fail before the (minutes-long) model load; ImageLoadError names the file.
     pixels = [load_image(path) for path in inputs] if args.task == "cxr2report" else []
+    max_new = DEFAULT_MAX_NEW_TOKENS[args.task] if args.max_new_tokens is None else args.max_new_tokens
+    if max_new < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the (minutes-long) model load, like the image files
     mesh = parallel.make_mesh(args.mesh) if args.mesh else None
     sampler = Sampler.from_checkpoint(args.checkpoint, args.vqgan, mesh=mesh, dtype=args.dtype,
                                       batch_size=args.batch_size, sampling=sampling)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     common = dict(seed=args.seed, max_new_tokens=max_new, progress=True)
     records = []
     if args.task == "report2cxr":
@@ -543,7 +559,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         result = sampler.cxr_to_report(images, instruction=args.instruction, **common)
         records = [{"output": text} for text in result.texts]
     else:
-        instructions, task_inputs = (args.instruction, inputs) if args.instruction else (inputs, None)
+        instructions, task_inputs = (args.instruction, inputs) if args.instruction is not None else (inputs, None)
         result = sampler.instruct(instructions, task_inputs, **common)
         records = [{"output": text} for text in result.texts]
     for i, record in enumerate(records):
@@ -565,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         records = run(args)
     except ImageGenerationError as e:
         sys.exit(f"error: {e}; the rows that came back are in {Path(args.out) / 'results.jsonl'}")
-    except (ValueError, FileNotFoundError, ImageLoadError) as e:  # incl. CheckpointError
+    except (ValueError, OSError, ImageLoadError) as e:  # incl. CheckpointError; OSError names its path
         sys.exit(f"error: {e}")
     if args.task != "report2cxr":
         for record in records:

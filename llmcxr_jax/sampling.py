@@ -42,7 +42,7 @@ class SamplingParams:
     candidates: int = 16
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
+        if not self.greedy and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
         if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")

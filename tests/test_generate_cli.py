@@ -110,15 +110,45 @@ def test_cli_names_the_image_that_is_too_small(dirs, tmp_path):
 
 
 def test_cli_resample_failure_still_writes_what_came_back(dirs, tmp_path):
-    """8 new tokens can never hold a 16x16 grid: every row fails, and each is recorded with its error."""
+    """Random weights draw text ids too, so 256 new tokens never hold the 16x16 grid's 256 image ids: every row
+    fails, and each is recorded with its error."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"2 of 2 rows did not yield .* the rows that came back are in .*results"):
         run_cli(dirs, out, "--task", "report2cxr", "--image_mode", "resample", "--max_tries", "1",
-                "--max_new_tokens", "8", "--input", REPORTS[0], "--input", REPORTS[1])
+                "--max_new_tokens", "256", "--input", REPORTS[0], "--input", REPORTS[1])
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["index"], r["input"], r["output"], r["error"]) for r in records] == [
         (0, REPORTS[0], None, "no full image grid"), (1, REPORTS[1], None, "no full image grid")]
 
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--task", "instruct", "--input", "x", "--max_new_tokens", "0"), "--max_new_tokens must be >= 1, got 0"),
+    (("--task", "instruct", "--input", "x", "--instruction", " "), "--instruction is empty"),
+    (("--task", "instruct", "--input_file", "{tmp}"), "Is a directory: '{tmp}'"),
+    (("--task", "instruct", "--input", "x", "--out", "{tmp}/file"), "File exists: '{tmp}/file'"),
+    (("--task", "report2cxr", "--input", "x", "--image_mode", "resample", "--max_tries", "0"),
+     "max_tries must be >= 1, got 0"),
+    (("--task", "report2cxr", "--input", "x", "--image_mode", "resample", "--max_new_tokens", "8"),
+     "max_new_tokens=8 cannot hold an image of 256 codes"),
+])
+def test_cli_input_mistakes_are_one_line(dirs, tmp_path, args, message):
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dirs, tmp_path / "out", *args)
+    assert str(exit_info.value).startswith("error: ")
+    assert message.replace("{tmp}", str(tmp_path)) in str(exit_info.value)
+
+
+def test_sampler_refuses_empty_inputs_and_greedy_ignores_temperature(dirs):
+    sampler = Sampler.from_checkpoint(dirs["ckpt"], dirs["vqgan"], dtype="float32", batch_size=2,
+                                      sampling=SamplingParams(greedy=True, temperature=0.0))  # as HF's generate
+    with pytest.raises(ValueError, match="no prompts to generate from"):
+        sampler.report_to_cxr([])
+    with pytest.raises(ValueError, match="no images to encode"):
+        sampler.cxr_to_report(np.zeros((0, 32, 32, 3), np.float32))
+    assert sampler.instruct(["Describe the heart."], max_new_tokens=4).texts[0] is not None
 
 def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
     with pytest.raises(SystemExit, match="fingerprint .* differs from vqgan_fingerprint"):
