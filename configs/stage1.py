@@ -39,7 +39,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         lr=5e-6, schedule="log_warmup", warmup_steps=50, end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.0, clip_norm=1.0, mu_dtype=""))
     c.train = ml_collections.ConfigDict(dict(
-        global_batch_size=16, micro_batches=1, num_epochs=5, num_steps=0, loss_mode="global", loss_group_size=2,
+        # SPEC §8: a mean over 2-sequence groups of their per-token means (the original's per-device means)
+        global_batch_size=16, micro_batches=1, num_epochs=5, num_steps=0, loss_mode="original", loss_group_size=2,
         loss_chunk=256,  # positions per chunk of LM head + cross-entropy; 0 = whole sequence at once
         # SPEC §9 "save every epoch, keep 5": epoch_checkpoints epoch ends are kept besides the latest
         # keep_checkpoints of the periodic saves (which a preempted run resumes from).
@@ -57,7 +58,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.init.from_scratch = True
         c.optim.update(lr=3e-3, schedule="constant")
         c.train.update(global_batch_size=8, num_steps=6, log_every=2, eval_every=0, checkpoint_every=3,
-                       async_checkpoints=False, progress=False, loss_chunk=8)
+                       async_checkpoints=False, progress=False, loss_chunk=8, loss_mode="global")
     elif arg == "demo":
         # The phantom demo (python -m llmcxr_jax.demo fills in data_dir, tokenizer, vocab_size, vqgan and steps).
         # Rotary on every head dimension and a 2e-3 peak: measured to make a from-scratch LM start reading its
@@ -70,7 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.vqgan.update(grid=8, num_codes=256)
         c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1, b2=0.95)
         c.train.update(global_batch_size=16, num_steps=500, log_every=25, eval_every=0, checkpoint_every=250,
-                       epoch_checkpoints=0, async_checkpoints=False, loss_chunk=0)
+                       epoch_checkpoints=0, async_checkpoints=False, loss_chunk=0, loss_mode="global")
     elif arg:
         raise ValueError(f"configs/stage1.py: unknown variant {arg!r}; expected '', 'demo' or 'tiny'")
     return c

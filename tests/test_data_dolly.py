@@ -11,13 +11,15 @@ import tensorflow_datasets as tfds
 from llmcxr_jax.data.dolly_builder import Dolly15k, DollyFileError
 
 N = 263
+TOO_LONG = (7, 150)  # records whose training text reaches 2048 tokens: dropped before the split, as SPEC §7
 
 
 def write_jsonl(path, n=N):
     lines = []
     for i in range(n):
+        response = "word " * 2100 if i in TOO_LONG else f"Answer {i}."
         rec = {"instruction": f"Question {i}?", "context": "" if i % 3 else f"Context {i}.",
-               "response": f"Answer {i}.", "category": ("open_qa", "closed_qa", "summarization")[i % 3]}
+               "response": response, "category": ("open_qa", "closed_qa", "summarization")[i % 3]}
         lines.append(json.dumps(rec))
         if i == 100:
             lines.append("")  # a blank line is not a record
@@ -41,12 +43,14 @@ def manual(tmp_path_factory):
     return path
 
 
-def test_heldout_is_200_of_the_seed_42_permutation(manual, tmp_path):
+def test_heldout_is_200_of_the_seed_42_permutation_of_the_short_records(manual, tmp_path):
     builder = build(manual, tmp_path)
     held, train = indices(builder, "validation"), indices(builder, "train")
-    assert len(held) == 200 and len(train) == N - 200
-    assert held == sorted(np.random.default_rng(42).permutation(N)[:200].tolist())  # the documented rule
-    assert sorted(held + train) == list(range(N))
+    kept = [i for i in range(N) if i not in TOO_LONG]
+    assert len(held) == 200 and len(train) == len(kept) - 200
+    assert held == sorted(kept[j] for j in np.random.default_rng(42).permutation(len(kept))[:200])  # the rule
+    assert sorted(held + train) == kept
+    assert builder.info.metadata["counts"] == {"train": len(kept) - 200, "validation": 200, "too_long": 2}
     rec = builder.as_data_source("validation")[0]
     i = held[0]
     assert rec["instruction"] == f"Question {i}?".encode() and rec["response"] == f"Answer {i}.".encode()

@@ -84,6 +84,19 @@ def test_fsdp_shards_params_and_moments_to_an_eighth(tmp_path):
     assert all(m.sharding.spec == param.sharding.spec for m in moments) and "fsdp" in tuple(param.sharding.spec)
 
 
+def test_full_configs_hold_the_original_recipe():
+    """SPEC §8-9 as the full stage configs set them (the tiny and demo variants may differ)."""
+    for stage in ("stage1", "stage2"):
+        c = load_config(stage, "")
+        assert (c.train.global_batch_size, c.train.micro_batches, c.train.num_epochs) == (16, 1, 5)
+        assert (c.train.loss_mode, c.train.loss_group_size) == ("original", 2)
+        assert (c.optim.lr, c.optim.schedule, c.optim.warmup_steps) == (5e-6, "log_warmup", 50)
+        assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm) == \
+            (0.9, 0.999, 1e-8, 0.0, 1.0)
+        assert (c.seed, c.data.max_length, c.train.log_every, c.train.eval_every, c.train.epoch_checkpoints) == \
+            (42, 2048, 50, 1500, 5)
+
+
 def test_original_warmup_schedule_values():
     schedule = optim.log_warmup_schedule(5e-6, 50)
     expected = [5e-6] + [5e-6 * min(1.0, np.log(u) / np.log(50)) for u in range(1, 61)]

@@ -3,13 +3,15 @@
     builder = Dolly15k(data_dir=DATA)   # ArrayRecord by default (tfds_local.py)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=DIR_WITH_JSONL))
 
-Splits: `validation` = the 200 records at `numpy.random.default_rng(42).permutation(n)[:200]` (n = records in
-the file, in file order), `train` = the rest; both in file order. This is the permutation HF datasets'
-`train_test_split(test_size=200, seed=42)` draws, but the original drew it after dropping records of >= 2048
-tokens, so its 200 differ by those few; the pipeline drops long records itself (counted). `index` is the record's
-0-based position among the file's records. Blank lines are not records; any other line that is not a JSON object
-with string fields instruction, context, response, category (non-empty instruction and response, as dolly's
-trainer demands) stops the build with the file and line number.
+As the original (SPEC §7, §8), records whose training text is 2048 or more tokens long (LLM-CXR's tokenizer,
+the Dolly templates) are dropped first; of the n kept, `validation` = the 200 at
+`numpy.random.default_rng(42).permutation(n)[:200]` (kept records in file order), `train` = the rest; both in
+file order. This is the permutation HF datasets' `train_test_split(test_size=200, seed=42)` draws, over the
+records the original split: drawn before the filter, it would share only a handful of the original's 200.
+`info.metadata["counts"]` has the records per split and the number too long. `index` is the record's 0-based
+position among the file's records. Blank lines are not records; any other line that is not a JSON object with
+string fields instruction, context, response, category (non-empty instruction and response, as dolly's trainer
+demands) stops the build with the file and line number.
 """
 from __future__ import annotations
 
@@ -22,11 +24,14 @@ import tensorflow_datasets as tfds
 
 from llmcxr_jax.data.text_files import open_utf8
 from llmcxr_jax.data.tfds_local import LocalFilesBuilder
+from llmcxr_jax.prompts import instruction_example
+from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 JSONL = "databricks-dolly-15k.jsonl"
 FIELDS = ("instruction", "context", "response", "category")
 HELDOUT_SIZE = 200
 HELDOUT_SEED = 42
+MAX_LENGTH = 2048  # SPEC §8: a training text must be shorter, in tokens
 MANUAL_INSTRUCTIONS = f"""\
 Put {JSONL} into the manual directory: dataset databricks/databricks-dolly-15k on the Hugging Face Hub (branch
 orig_dataset, 15,011 records, as the original used), or data/{JSONL} of repository databrickslabs/dolly."""
@@ -53,6 +58,13 @@ def read_dolly_jsonl(path: Path) -> list[dict[str, str]]:
                 raise DollyFileError(f"{path}:{line_no}: empty instruction or response")
             records.append({k: rec[k] for k in FIELDS})
     return records
+
+
+def short_enough(records: list[dict[str, str]], max_length: int = MAX_LENGTH) -> np.ndarray:
+    """Whether each record's training text (the Dolly template, LLM-CXR's tokenizer) has < `max_length` tokens."""
+    tokenizer = LlmCxrTokenizer.from_pretrained()
+    return np.array([len(instruction_example(tokenizer, r["instruction"], r["context"], r["response"]).input_ids)
+                     < max_length for r in records], bool)
 
 
 def heldout_indices(n: int, size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> np.ndarray:
@@ -82,9 +94,13 @@ class Dolly15k(LocalFilesBuilder):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing. {MANUAL_INSTRUCTIONS}")
         records = read_dolly_jsonl(path)
-        heldout = np.zeros(len(records), bool)
-        heldout[heldout_indices(len(records))] = True
-        return {"train": self._generate_examples(records, ~heldout),
+        kept = np.flatnonzero(short_enough(records))
+        heldout, train = np.zeros(len(records), bool), np.zeros(len(records), bool)
+        heldout[kept[heldout_indices(len(kept))]] = True
+        train[kept] = ~heldout[kept]
+        self.info.metadata["counts"] = {"train": int(train.sum()), "validation": int(heldout.sum()),
+                                        "too_long": len(records) - len(kept)}
+        return {"train": self._generate_examples(records, train),
                 "validation": self._generate_examples(records, heldout)}
 
     def _generate_examples(self, records: list[dict[str, str]], keep: np.ndarray) -> Iterator[tuple[int, dict]]:
