@@ -2,14 +2,16 @@
 
     python -m llmcxr_jax.evaluate mimic --checkpoint CKPT --vqgan DIR --manual_dir DIR --eval_ids FILE --out DIR
                                         [--codes PATH] [--rank R --world W] [--seed 42] [--image_mode resample]
-    python -m llmcxr_jax.evaluate reports --generated FILE... [--reference FILE...] [--labeler phantom|none]
+    python -m llmcxr_jax.evaluate reports --generated FILE... [--reference FILE...] [--labeler none|phantom]
+    python -m llmcxr_jax.evaluate decode --results FILE... --vqgan DIR --out DIR
 
 `mimic` selects images as file generate_eval.py does (validate ∪ test, PA/AP, sorted dicom_ids, restricted to
 the user's eval_dicom_ids.pickle, IMPRESSION-only references; images without one IMPRESSION, a report file or
 codes are skipped and counted), takes this rank's share `[rank::world]`, and for every image generates one
 report from its codes and one image from its reference report. Each finished record is appended to
 `llm-cxr__eval_results_{rank}_{world}.jsonl` and flushed, so a killed run restarts where it stopped; a finished
-shard is also written as the original's pickle (a list of dicts). `reports` scores such files (metrics.py).
+shard is also written as the original's pickle (a list of dicts). `reports` scores such files (metrics.py);
+`decode` turns them into the original's decoding outputs (JPEGs and a reports file).
 
 Unlike the original's unseeded `random.choice`, each record's instructions and sampling seed are fixed by
 (seed, dicom_id), so a record's outputs do not depend on sharding or on where a run was interrupted (with
@@ -226,11 +228,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def read_results(path: str | Path) -> list[dict]:
-    """The records of a results file, each with exactly the original's fields in its order."""
-    records = read_jsonl(path)
+    """The records of a results file (ours, JSONL; or the original's `.pickle` list, read without running code),
+    each with exactly the original's fields in its order."""
+    if Path(path).suffix == ".pickle":
+        records = load_plain_pickle(path, "a list of result records")
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise EvalInputError(f"{path}: expected a list of result dicts")
+    else:
+        records = read_jsonl(path)
     for n, record in enumerate(records, 1):
         if tuple(record) != RECORD_FIELDS:
-            raise EvalInputError(f"{path}:{n}: fields {list(record)}, expected {list(RECORD_FIELDS)}")
+            raise EvalInputError(f"{path}: record {n}: fields {list(record)}, expected {list(RECORD_FIELDS)}")
     return records
 
 
@@ -409,8 +417,9 @@ def _texts_by_id(paths: Sequence[str], key: str, id_key: str) -> dict[str, str]:
 
 def score_result_files(generated: Sequence[str], reference: Sequence[str], *, generated_key: str = "gen_report",
                        reference_key: str = "raw_report", id_key: str = "dicom_id",
-                       labeler: metrics.Labeler | None = metrics.PHANTOM_REPORTS) -> dict[str, float]:
-    """Report scores of results files, pairing generated and reference texts by id."""
+                       labeler: metrics.Labeler | None = None) -> dict[str, float]:
+    """Report scores of results files, pairing generated and reference texts by id; finding labels only with a
+    `labeler` (the phantom report judge knows phantom reports, not MIMIC's)."""
     gen = _texts_by_id(generated, generated_key, id_key)
     ref = _texts_by_id(reference, reference_key, id_key)
     missing = sorted(set(gen) - set(ref))
@@ -419,6 +428,39 @@ def score_result_files(generated: Sequence[str], reference: Sequence[str], *, ge
                              f"{missing[:5]}")
     ids = list(gen)
     return {"n": len(ids), **metrics.report_scores([gen[i] for i in ids], [ref[i] for i in ids], labeler)}
+
+
+def decode_results(paths: Sequence[str | Path], vqgan_dir: str | Path, out_dir: str | Path,
+                   batch_size: int = 32) -> dict[str, Any]:
+    """SPEC §14's decoding step (decode_cxr_all.py): records holding a None are dropped; each kept record's
+    generated image becomes OUT/generated_imgs_jpg/<dicom_id>.jpg (saved as the original did), and
+    OUT/generated_reports holds, per kept record, its dicom_id, reference report, generated report and a blank
+    line. Images already there are kept, so an interrupted run resumes."""
+    import vqgan_flax
+    from vqgan_flax.decode import check_ids, decode_to_files
+
+    records, origin = [], {}
+    for path in paths:
+        for record in read_results(path):
+            records.append(record)
+            origin.setdefault(record["dicom_id"], path)
+    kept = [r for r in records if all(value is not None for value in r.values())]
+    model = vqgan_flax.load(vqgan_dir)
+    h, w = model.config.grid
+    codes = {}
+    for r in kept:
+        image = np.asarray(r["gen_image"])
+        if image.size != h * w or not np.issubdtype(image.dtype, np.integer):
+            raise EvalInputError(f"{origin[r['dicom_id']]}: gen_image of {r['dicom_id']} is not {h * w} integer "
+                                 f"codes for the {h}x{w} grid of {vqgan_dir}")
+        codes[r["dicom_id"]] = image.reshape(h, w)
+    check_ids(codes, Path(paths[0]))
+    out = Path(out_dir)
+    decoded = decode_to_files(model, codes, out / "generated_imgs_jpg", batch_size, "jpg")
+    reports = "".join(f"{r['dicom_id']}\n{r['raw_report']}\n{r['gen_report']}\n\n" for r in kept)
+    write_atomic(out / "generated_reports", reports.encode("utf-8"))
+    return {"records": len(records), "dropped_with_none": len(records) - len(kept), "decoded": decoded,
+            "images": str(out / "generated_imgs_jpg"), "reports": str(out / "generated_reports")}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -450,11 +492,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     reports.add_argument("--generated", required=True, nargs="+", help="results JSONL file(s) (all ranks)")
     reports.add_argument("--reference", nargs="+", help="JSONL file(s) with the references (default: --generated, "
                                                         "whose raw_report holds them)")
-    reports.add_argument("--labeler", choices=("phantom", "none"), default="phantom",
-                         help="finding labels for P/R/F1: the phantom report judge, or none (text metrics only)")
+    reports.add_argument("--labeler", choices=("phantom", "none"), default="none",
+                         help="finding labels for P/R/F1: none (text metrics only), or the phantom report judge "
+                              "(phantom reports only: it knows nothing of MIMIC's language)")
     reports.add_argument("--generated_key", default="gen_report")
     reports.add_argument("--reference_key", default="raw_report")
     reports.add_argument("--id_key", default="dicom_id")
+    decode = sub.add_parser("decode", help="the original's decoding step: JPEGs and a reports file from results")
+    decode.add_argument("--results", required=True, nargs="+", help="results files (.jsonl, or the original's "
+                                                                     ".pickle), all ranks")
+    decode.add_argument("--vqgan", required=True, help="VQ-GAN directory (the one the LM was trained with)")
+    decode.add_argument("--out", required=True, type=Path, help="directory for generated_imgs_jpg/ and "
+                                                                "generated_reports")
+    decode.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args(argv)
     try:
         result = _run(args)
@@ -476,6 +526,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                                      sampler_settings=settings)
         result = {"results": str(summary.path), "pickle": str(summary.pickle_path), "shard": summary.shard,
                   "resumed": summary.resumed, "written": summary.written, "selection": dict(selection.counts)}
+    elif args.command == "decode":
+        result = decode_results(args.results, args.vqgan, args.out, args.batch_size)
     else:
         result = score_result_files(args.generated, args.reference or args.generated,
                                     generated_key=args.generated_key, reference_key=args.reference_key,

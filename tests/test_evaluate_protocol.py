@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import pickle
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from llmcxr_jax import evaluate
 from llmcxr_jax.evaluate import (EvalInputError, read_eval_ids, read_jsonl, read_results, results_path,
@@ -341,13 +343,13 @@ def test_cli_reports_scores_result_files(tmp_path, capsys):
     path.write_text("".join(json.dumps({"dicom_id": f"d{n}", "subject_id": "1", "raw_report": r, "raw_image": [],
                                         "gen_report": g, "gen_image": None}) + "\n"
                             for n, (r, g) in enumerate(zip(refs, gens))))
-    evaluate.main(["reports", "--generated", str(path)])
+    evaluate.main(["reports", "--generated", str(path), "--labeler", "phantom"])
     printed = json.loads(capsys.readouterr().out)
     # ROUGE-L F per pair: 1, 1 and LCS "pneumothorax" of 2 tokens each = 1/2; the labeler reads pneumothorax_right
     # in the last reference only (missed), and no_finding wrongly in its generated text.
     assert printed["n"] == 3 and printed["rougeL"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert printed["labels/micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-    evaluate.main(["reports", "--generated", str(path), "--labeler", "none"])
+    evaluate.main(["reports", "--generated", str(path)])  # by default no labeler: it reads phantom reports only
     assert not any(k.startswith("labels/") for k in json.loads(capsys.readouterr().out))
     other = tmp_path / "refs.jsonl"
     other.write_text(json.dumps({"dicom_id": "d0", "text": refs[0]}) + "\n")
@@ -358,3 +360,39 @@ def test_cli_reports_scores_result_files(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: .*absent.pickle: no such file \(the eval_dicom_ids.pickle"):
         evaluate.main(["mimic", "--checkpoint", "C", "--vqgan", "V", "--manual_dir", str(tmp_path),
                        "--eval_ids", str(tmp_path / "absent.pickle"), "--out", str(tmp_path / "out")])
+
+
+def test_cli_decode_writes_the_originals_jpegs_and_reports_file(tmp_path, capsys):
+    """SPEC §14 decode_cxr_all.py: records holding a None are dropped; JPEGs as the original saved them."""
+    import vqgan_flax
+    from vqgan_flax.config import PRESETS
+    from vqgan_flax.images import postprocess_original
+
+    config = PRESETS["tiny"]
+    vqgan_flax.checkpoint.write(tmp_path / "vq", config, vqgan_flax.checkpoint.random_params(config, 0))
+    rng = np.random.default_rng(0)
+    codes = {f"d{n}": rng.integers(0, config.num_codes, config.grid).tolist() for n in range(3)}
+    records = [{"dicom_id": i, "subject_id": "1", "raw_report": f"Reference {i}.", "raw_image": [1, 2],
+                "gen_report": f"Generated {i}.", "gen_image": [c for row in codes[i] for c in row]} for i in codes]
+    records[1]["gen_report"] = None  # the original drops a record holding any None
+    (tmp_path / "r0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    evaluate.write_results_pickle(records[2:], tmp_path / "r1.pickle")  # the original's format reads too
+    evaluate.main(["decode", "--results", str(tmp_path / "r0.jsonl"), str(tmp_path / "r1.pickle"), "--vqgan",
+                   str(tmp_path / "vq"), "--out", str(tmp_path / "out")])
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["records"], printed["dropped_with_none"], printed["decoded"]) == (3, 1, 2)
+    assert sorted(p.name for p in (tmp_path / "out" / "generated_imgs_jpg").iterdir()) == ["d0.jpg", "d2.jpg"]
+    assert (tmp_path / "out" / "generated_reports").read_text() == \
+        "d0\nReference d0.\nGenerated d0.\n\nd2\nReference d2.\nGenerated d2.\n\n"
+    model = vqgan_flax.load(tmp_path / "vq")
+    expected = postprocess_original(np.asarray(model.decode(np.asarray([codes["d2"]], np.int32))))[0]
+    same_encoding = io.BytesIO()
+    Image.fromarray(expected).save(same_encoding, format="JPEG")  # what matplotlib's imsave hands to PIL
+    jpg = np.asarray(Image.open(tmp_path / "out" / "generated_imgs_jpg" / "d2.jpg"))
+    assert jpg.shape == expected.shape == (config.resolution, config.resolution, 3)
+    np.testing.assert_array_equal(jpg, np.asarray(Image.open(same_encoding)))
+    bad = dict(records[0], gen_image=[1, 2, 3])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(SystemExit, match=r"^error: .*bad.jsonl: gen_image of d0 is not 256 integer codes"):
+        evaluate.main(["decode", "--results", str(tmp_path / "bad.jsonl"), "--vqgan", str(tmp_path / "vq"),
+                       "--out", str(tmp_path / "out2")])

@@ -10,7 +10,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from vqgan_flax.images import ImageLoadError, ImageTooSmallError, load_image, postprocess, preprocess
+from vqgan_flax.images import (ImageLoadError, ImageTooSmallError, load_image, postprocess, postprocess_original,
+                               preprocess)
 
 
 def xray_like(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -199,3 +200,6 @@ def test_postprocess():
     assert out.dtype == np.uint8 and out.shape == (1, 5)
     np.testing.assert_array_equal(out[0], expected)
     assert out[0, 0] == 0 and out[0, 1] == 255
+    # LLM-CXR's JPEGs (SPEC §12): 3 channels, matplotlib's x·255 truncated
+    original = postprocess_original(np.array([[[0.999] * 3, [-1.0, 0.0, 1.0]]], np.float32))
+    assert original.dtype == np.uint8 and original.tolist() == [[[254] * 3, [0, 127, 255]]]

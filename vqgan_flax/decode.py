@@ -1,10 +1,11 @@
-"""Decode codes into grayscale PNGs, data-parallel over all local devices.
+"""Decode codes into images, data-parallel over all local devices.
 
-    python -m vqgan_flax.decode --vqgan DIR --codes CODES_DIR_OR_PICKLE --out DIR [--batch_size N]
+    python -m vqgan_flax.decode --vqgan DIR --codes CODES_DIR_OR_PICKLE --out DIR [--batch_size N] [--format jpg]
 
 CODES may be a codes directory (its VQ-GAN fingerprint must match DIR's) or the original's pickle
-`dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png,
-each whole or not at all; a rerun skips the ids whose PNG is already there, so an interrupted run resumes.
+`dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png
+(grayscale, lossless) or, with `--format jpg`, OUT/<id>.jpg as LLM-CXR saved them (3 channels, JPEG; SPEC §12),
+each whole or not at all; a rerun skips the ids whose file is already there, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from vqgan_flax import checkpoint
 from vqgan_flax.atomic import write_atomic
 from vqgan_flax.codes import CodesDir, CodesError, read_pickle
-from vqgan_flax.images import postprocess
+from vqgan_flax.images import postprocess, postprocess_original
 from vqgan_flax.model import VQGAN
 from vqgan_flax.parallel import DataParallel
 
@@ -44,26 +45,35 @@ def read_codes(path: Path, model: VQGAN, fingerprint: str) -> dict[str, np.ndarr
     return dict(directory)
 
 
-def _check_ids(ids: Iterable[str], source: Path) -> None:
+def check_ids(ids: Iterable[str], source: Path) -> None:
+    """Refuse ids that cannot be file names (they become OUT/<id>.<format>)."""
     bad = [i for i in ids if not i or i in {".", ".."} or "/" in i or "\\" in i]
     if bad:
         raise CodesError(f"{source}: ids that are not usable as file names: {bad[:10]}")
 
 
-def decode_to_pngs(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch_size: int = 32) -> int:
-    """Write OUT/<id>.png for the ids without one yet; returns how many were decoded."""
+# suffix -> (decoder output to uint8 pixels, PIL format)
+FORMATS = {"png": (postprocess, "PNG"), "jpg": (postprocess_original, "JPEG")}
+
+
+def decode_to_files(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch_size: int = 32,
+                    image_format: str = "png") -> int:
+    """Write OUT/<id>.<image_format> for the ids without one yet; returns how many were decoded."""
+    if image_format not in FORMATS:
+        raise ValueError(f"image format {image_format!r} is not one of {sorted(FORMATS)}")
+    to_pixels, pil_format = FORMATS[image_format]
     out.mkdir(parents=True, exist_ok=True)
     decode = DataParallel(VQGAN.decode, model, batch_size)
     batch_size = decode.batch_size  # a multiple of the device count
-    ids = sorted(i for i in codes if not (out / f"{i}.png").exists())
+    ids = sorted(i for i in codes if not (out / f"{i}.{image_format}").exists())
     with tqdm(total=len(ids), unit="img", desc="decode") as bar:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
-            images = postprocess(decode(np.stack([codes[i] for i in chunk]).astype(np.int32)))
+            images = to_pixels(decode(np.stack([codes[i] for i in chunk]).astype(np.int32)))
             for image_id, image in zip(chunk, images):
-                png = io.BytesIO()
-                Image.fromarray(image).save(png, format="PNG")
-                write_atomic(out / f"{image_id}.png", png.getvalue())
+                data = io.BytesIO()
+                Image.fromarray(image).save(data, format=pil_format)
+                write_atomic(out / f"{image_id}.{image_format}", data.getvalue())
             bar.update(len(chunk))
     return len(ids)
 
@@ -72,14 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vqgan_flax.decode", description=__doc__.split("\n")[0])
     parser.add_argument("--vqgan", required=True, help="VQ-GAN directory")
     parser.add_argument("--codes", required=True, help="codes directory or the original's .pickle")
-    parser.add_argument("--out", required=True, help="directory for <id>.png")
+    parser.add_argument("--out", required=True, help="directory for <id>.png (or .jpg)")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="png",
+                        help="png: grayscale, lossless; jpg: 3-channel JPEG as LLM-CXR's decode_cxr_all.py saved")
     parser.add_argument("--batch_size", type=int, default=32, help="global batch, rounded up to the device count")
     args = parser.parse_args(argv)
     try:
         model = checkpoint.load(args.vqgan)
         codes = read_codes(Path(args.codes), model, checkpoint.read_fingerprint(args.vqgan))
-        _check_ids(codes, Path(args.codes))
-        decoded = decode_to_pngs(model, codes, Path(args.out), args.batch_size)
+        check_ids(codes, Path(args.codes))
+        decoded = decode_to_files(model, codes, Path(args.out), args.batch_size, args.format)
     except (ValueError, OSError) as err:  # OSError: e.g. --out is a file or not writable
         raise SystemExit(f"error: {err}") from err
     print(f"decoded {decoded}, skipped {len(codes) - decoded} already in {args.out}", file=sys.stderr)

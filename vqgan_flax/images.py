@@ -176,9 +176,17 @@ def preprocess(image: np.ndarray, size: int = 256, allow_upscale: bool = False) 
 
 
 def postprocess(images: np.ndarray) -> np.ndarray:
-    """Decoder output in [-1, 1], (..., H, W, 3) -> grayscale uint8 (..., H, W).
+    """Decoder output in [-1, 1], (..., H, W, 3) -> grayscale uint8 (..., H, W): our PNGs.
 
-    clip to [-1, 1], (x + 1) / 2, ×255, mean over channels, round half to even.
+    clip to [-1, 1], (x + 1) / 2, ×255, mean over channels, round half to even. A chest X-ray is grayscale, so
+    one channel loses nothing the decoder meant; `postprocess_original` is what LLM-CXR saved.
     """
     x = (np.clip(np.asarray(images, dtype=np.float32), -1.0, 1.0) + 1.0) / 2.0 * 255.0
     return np.round(x.mean(axis=-1)).astype(np.uint8)
+
+
+def postprocess_original(images: np.ndarray) -> np.ndarray:
+    """Decoder output in [-1, 1], (..., H, W, 3) -> uint8 (..., H, W, 3) as LLM-CXR saved its JPEGs (SPEC §12):
+    clip, (x + 1) / 2, then matplotlib `imsave`'s float conversion, x·255 truncated (unverified, as in SPEC)."""
+    x = (np.clip(np.asarray(images, dtype=np.float32), -1.0, 1.0) + 1.0) / 2.0
+    return (x * np.float32(255)).astype(np.uint8)
