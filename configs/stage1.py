@@ -25,7 +25,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         DOLLY_V2_3B, dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_no_batch"))
     # Where the weights come from on a fresh run: an HF directory (stage 1) or a previous stage's workdir (stage 2).
     # Neither: an error, unless from_scratch (random weights; the tests' and the phantom demo's small models).
-    c.init = ml_collections.ConfigDict(dict(hf_dir="", workdir="", from_scratch=False))
+    # init.step: the step of init.workdir to start from; 0 = its latest, which must be the run's last step
+    c.init = ml_collections.ConfigDict(dict(hf_dir="", workdir="", step=0, from_scratch=False))
     c.tokenizer = ""  # "" = the packaged GPT-NeoX-20B tokenizer with LLM-CXR's layout; else a tokenizer.json dir
     c.vqgan = ml_collections.ConfigDict(dict(num_codes=1024, grid=16, fingerprint=""))
     c.data = ml_collections.ConfigDict(dict(

@@ -118,9 +118,12 @@ def latest_metadata(directory: str | Path, step: int | None = None) -> tuple[dic
         return read_metadata(directory), str(directory / "meta.json"), None
     ckpts = TrainCheckpoints(directory, read_only=True)
     try:
-        step = ckpts.latest_step() if step is None else step
-        if step is None:
+        steps = ckpts.all_steps()
+        if not steps:
             raise FileNotFoundError(f"{directory / 'checkpoints'}: no finished checkpoint to load")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"{directory / 'checkpoints'}: no checkpoint of step {step} (it has {steps})")
+        step = max(steps) if step is None else step
         return ckpts.read_meta(step), f"{directory / 'checkpoints'} step {step} meta", step
     finally:
         ckpts.close()
@@ -205,6 +208,9 @@ class TrainCheckpoints:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
         return any(n > 0 and step % n == 0 for n in (self.every, self.epoch_every))

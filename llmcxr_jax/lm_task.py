@@ -207,6 +207,7 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
     runtime = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl", "remat_policy")}
     if config.init.hf_dir:
         def initial_state(shardings):
+            trainer.announce(f"stage {config.stage} starts from the Hugging Face weights in {config.init.hf_dir}")
             model = convert.load_hf_model(config.init.hf_dir, mesh=mesh, rules=rules, **runtime)
             if model.config.vocab_size < model_cfg.vocab_size:
                 model = extend_vocab(model, model_cfg.vocab_size, nnx.Rngs(config.seed))
@@ -214,8 +215,14 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
             return from_model(model, shardings)
     elif config.init.workdir:
         def initial_state(shardings):  # a training workdir (its latest step) or a converted checkpoint
-            meta, source, step = checkpoint.latest_metadata(config.init.workdir)
+            meta, source, step = checkpoint.latest_metadata(config.init.workdir, config.init.get("step") or None)
             check_compatible(meta, metadata, f"init.workdir {source}")
+            planned = meta.get("total_steps")
+            if not config.init.get("step") and step is not None and planned is not None and step < planned:
+                raise ValueError(f"init.workdir {config.init.workdir} stopped at step {step} of {planned}: finish "
+                                 "that run first (rerun its command; it resumes), or start from this step "
+                                 f"deliberately with --config.init.step={step}")
+            trainer.announce(f"stage {config.stage} starts from {source}")
             model = checkpoint.load_model(config.init.workdir, step=step, mesh=mesh, rules=rules, **runtime)
             return from_model(model, shardings)
 

@@ -286,6 +286,9 @@ def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: 
         run_fn(config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: no traceback; the checkpoints saved before are intact
+        print("\ninterrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv: list[str]) -> None:

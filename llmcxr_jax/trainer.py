@@ -109,7 +109,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a stop the loop checks between steps (then a final checkpoint and a clean exit).
+    """Turns SIGTERM, and a first Ctrl-C, into a stop the loop checks between steps (then a final checkpoint and
+    a clean exit); a second Ctrl-C interrupts at once, as usual.
 
     Every step and the final save are collective, so all processes must stop at the same step, yet each sees only
     its own signal. With several processes `stop_now` therefore ORs the flags on the devices and returns the vote
@@ -117,32 +118,39 @@ class _Preemption:
     host-device sync. A single process reads its flag directly.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self, mesh: Mesh) -> None:
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # the signal's name
+        self._previous: dict[int, Any] = {}
         self._vote = _any_process(mesh) if jax.process_count() > 1 else None
         self._ballot: jax.Array | None = None
 
     def stop_now(self) -> bool:
         """Whether to stop after the step just dispatched; the same answer on every process."""
         if self._vote is None:
-            return self.requested
-        ballot, self._ballot = self._ballot, self._vote(self.requested)
+            return self.requested is not None
+        ballot, self._ballot = self._ballot, self._vote(self.requested is not None)
         return ballot is not None and bool(ballot)
 
     def __enter__(self) -> _Preemption:
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. inside some test runners): no handler, nothing breaks
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT:
+            if self.requested == "Ctrl-C":  # the second: stop waiting for the step and the checkpoint
+                raise KeyboardInterrupt
+            print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to abort without one)",
+                  flush=True)
+        self.requested = self.requested or ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _any_process(mesh: Mesh) -> Callable[[bool], jax.Array]:
@@ -278,9 +286,12 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
                 state = abstract
                 nnx.replace_by_pure_dict(state, pure)
                 train_iter.set_state(data_state)
+                announce(f"{workdir}: nothing to train, step {start} of {loop.total_steps} is done"
+                     if start >= loop.total_steps else f"{workdir}: resuming at step {start} of {loop.total_steps}")
             elif task.initial_state is not None:
                 start, state = 0, task.initial_state(shardings)
             else:
+                announce(f"{workdir}: starting from freshly initialised weights")
                 start, state = 0, jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
             step_fn = compile_train_step(task, graphdef, shardings, batch_sh)
             eval_fn = compile_eval_step(task, graphdef, shardings, batch_sh) if task.eval_step else None
@@ -293,6 +304,12 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
                 logger.close()
     finally:
         ckpts.close()
+
+
+def announce(message: str) -> None:
+    """A line for the user, from the first process only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, batch_sh, ckpts, logger, image_fn,
@@ -350,7 +367,8 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                         f"the weights after step {step} are not finite (the batch drawn at data-iterator state "
                         f"{batch_state}); training stopped; the last good checkpoint is kept and none was written "
                         "for this step")
-                ckpts.save(step, nnx.to_pure_dict(state), train_iter.get_state(), task.metadata)
+                ckpts.save(step, nnx.to_pure_dict(state), train_iter.get_state(),
+                           {**task.metadata, "total_steps": loop.total_steps})
             if eval_now:
                 sums = None
                 for eval_batch in eval_iter_fn():
@@ -362,7 +380,8 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
             if side_work:
                 aside += time.perf_counter() - set_aside
             if stop:
-                logger.message(f"SIGTERM: saved a checkpoint at step {step}; exiting cleanly")
+                logger.message(f"{preemption.requested or 'SIGTERM/Ctrl-C on another process'}: saved a "
+                               f"checkpoint at step {step}; exiting cleanly")
                 break
     return state
 

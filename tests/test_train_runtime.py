@@ -128,6 +128,60 @@ def test_stage2_is_seeded_from_stage1_parameters_only(tmp_path):
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(seeded["optimizer"]["opt_state"]))
 
 
+
+class _SigtermAt:
+    """A data iterator that sends this process SIGTERM when batch `at` is drawn (a preemption mid-run)."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.drawn = inner, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.drawn += 1
+        if self.drawn == self.at:
+            signal.raise_signal(signal.SIGTERM)
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_stage2_refuses_an_unfinished_stage1_unless_its_step_is_named(tmp_path, capsys):
+    stage1 = load_config("stage1")
+    mesh = mesh_of((1, 1, 1))
+    loop = trainer.LoopConfig(total_steps=6, log_every=0, checkpoint_every=100, async_checkpoints=False,
+                              progress=False)
+    trainer.train(tiny_task(stage1, mesh, 6), loop, mesh=mesh, rules=parallel.DEFAULT_RULES,
+                  workdir=tmp_path / "s1", train_iter=_SigtermAt(batches(stage1), 3))
+    assert "starting from freshly initialised weights" in capsys.readouterr().out
+    stopped = checkpoint.TrainCheckpoints(tmp_path / "s1", read_only=True)
+    step = stopped.latest_step()
+    stopped.close()
+    assert step is not None and step < 6
+    stage2 = load_config("stage2")
+    stage2.init.workdir = str(tmp_path / "s1")
+    task = tiny_task(stage2, mesh, 1)
+    shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2]
+    with pytest.raises(ValueError, match=rf"stopped at step {step} of 6: finish that run first .*init.step={step}"):
+        task.initial_state(shardings)
+    stage2.init.step = step  # deliberately
+    tiny_task(stage2, mesh, 1).initial_state(shardings)
+    assert f"stage 2 starts from {tmp_path / 's1' / 'checkpoints'} step {step}" in capsys.readouterr().out
+    stage2.init.step = 99
+    with pytest.raises(FileNotFoundError, match=rf"no checkpoint of step 99 \(it has \[{step}\]\)"):
+        tiny_task(stage2, mesh, 1).initial_state(shardings)
+    trainer.train(tiny_task(stage1, mesh, 6), loop, mesh=mesh, rules=parallel.DEFAULT_RULES,
+                  workdir=tmp_path / "s1", train_iter=batches(stage1))  # the rerun finishes stage 1
+    assert f"s1: resuming at step {step} of 6" in capsys.readouterr().out
+    trainer.train(tiny_task(stage1, mesh, 6), loop, mesh=mesh, rules=parallel.DEFAULT_RULES,
+                  workdir=tmp_path / "s1", train_iter=batches(stage1))
+    assert "s1: nothing to train, step 6 of 6 is done" in capsys.readouterr().out
+
 def test_stage2_starts_from_a_converted_checkpoint_and_leaves_it_as_it_was(tmp_path):
     """init.workdir may name a converted checkpoint (meta.json + params/); reading it must not turn it into an
     empty training workdir (an Orbax manager opened for writing creates checkpoints/ there)."""
@@ -220,16 +274,17 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert data_state(tmp_path / "killed") == data_state(tmp_path / "straight") == {"index": steps}
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum,name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum, name):
     proc = _train_cli(tmp_path / "w", 100000, ["--config.train.checkpoint_every=0"])
     time.sleep(0.5)
     while proc.poll() is None and not (tmp_path / "w" / "tensorboard").exists():
         time.sleep(0.05)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "SIGTERM: saved a checkpoint at step" in out
+    assert f"{name}: saved a checkpoint at step" in out
     entries = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
     steps = [int(name) for name in entries if name.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 100000, (entries, out[-3000:])
