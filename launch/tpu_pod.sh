@@ -13,6 +13,10 @@
 # with `pip install -e '.[data,tpu]'` done there. Extra arguments go to llmcxr_jax.train, or to the VQ-GAN trainer
 # with MODULE=llmcxr_jax.train_vqgan.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
 REPO_DIR=${REPO_DIR:-llmcxr-jax}
 MODULE=${MODULE:-llmcxr_jax.train}

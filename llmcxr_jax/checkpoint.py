@@ -7,9 +7,11 @@ Restoring goes straight onto a mesh from an abstract target, so nothing is mater
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,16 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: missing; {directory} is not a model checkpoint written by llmcxr_jax") from None
 
 
+def require_language_model(meta: dict[str, Any], source: str) -> None:
+    """Refuse metadata of anything but a language model (e.g. a VQ-GAN training workdir) by name."""
+    if "model_config" not in meta:
+        what = "a VQ-GAN training workdir" if meta.get("task") == "vqgan" else "not a language-model checkpoint"
+        raise ValueError(f"{source}: {what} (its metadata has no model_config); give an LM checkpoint, HF "
+                         "directory or LM training workdir")
+
+
 def config_from_metadata(meta: dict[str, Any], source: str, **runtime: Any) -> GPTNeoXConfig:
+    require_language_model(meta, source)
     fields = {**meta["model_config"], **runtime}
     try:
         return GPTNeoXConfig(**fields)
@@ -178,6 +189,22 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
     """Restores the calling process's state."""
 
 
+@contextlib.contextmanager
+def _quiet_read_only_warnings():
+    """Orbax warns that a read-only manager is read-only ("Given directory is read only", "setting
+    save_interval_steps=0") each time one opens: what was asked for, yet it reads like a fault to users."""
+    def expected(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or message.startswith("Given directory is read only"))
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(expected)
+
+
 class TrainCheckpoints:
     """Training checkpoints under `workdir/checkpoints/<step>/` with items `state`, `data` and `meta`.
 
@@ -202,9 +229,12 @@ class TrainCheckpoints:
             keeping = {"preservation_policy": preservation.AnyPreservationPolicy([
                 preservation.LatestN(keep),
                 preservation.EveryNSteps(self.epoch_every, max_to_keep=keep_epochs)])}
-        options = ocp.CheckpointManagerOptions(**keeping, enable_async_checkpointing=async_save and not read_only,
-                                               create=not read_only, read_only=read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        quiet = _quiet_read_only_warnings() if read_only else contextlib.nullcontext()
+        with quiet:
+            options = ocp.CheckpointManagerOptions(**keeping, enable_async_checkpointing=async_save and not read_only,
+                                                   create=not read_only, read_only=read_only)
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -317,6 +317,9 @@ def _convert(args: argparse.Namespace) -> None:
     from llmcxr_jax import checkpoint
 
     if args.command == "hf-to-orbax":
+        target = Path(args.ckpt_dir)
+        if target.exists() and any(target.iterdir()):  # Orbax would replace what is there without a word
+            raise ConversionError(f"{target}: not empty; write to an empty directory")
         model = load_hf_model(args.hf_dir, dtype=args.dtype)
         carried = read_hf_metadata(Path(args.hf_dir))
         checkpoint.save_model(model, args.ckpt_dir,

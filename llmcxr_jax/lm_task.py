@@ -254,10 +254,15 @@ COMPATIBILITY_KEYS = ("token_layout", "vqgan_fingerprint", "vqgan_grid")
 
 def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: str) -> None:
     """Refuse weights trained with another vocabulary, token layout or VQ-GAN, naming what differs."""
-    found_vocab = found.get("model_config", {}).get("vocab_size")
+    from llmcxr_jax import checkpoint
+
+    checkpoint.require_language_model(found, source)
+    found_vocab = found["model_config"].get("vocab_size")
     want_vocab = expected["model_config"]["vocab_size"]
     if found_vocab != want_vocab:
-        raise ValueError(f"{source}: vocabulary size {found_vocab} differs from this run's {want_vocab}")
+        hint = (": an unextended text model such as dolly-v2-3b starts stage 1 from its HF directory "
+                "(init.hf_dir), which extends the vocabulary" if found_vocab < want_vocab else "")
+        raise ValueError(f"{source}: vocabulary size {found_vocab} differs from this run's {want_vocab}{hint}")
     for key in COMPATIBILITY_KEYS:
         if key in expected and found.get(key) != expected[key]:
             raise ValueError(f"{source}: {key} is {found.get(key)!r}, this run expects {expected[key]!r}")

@@ -115,7 +115,9 @@ class GPTNeoXConfig:
         try:
             hf = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json; an HF model directory needs one") from None
+            hint = (" (it holds meta.json: a converted checkpoint, which init.workdir and --checkpoint take)"
+                    if (Path(path).parent / "meta.json").is_file() else "")
+            raise FileNotFoundError(f"{path}: no config.json; an HF model directory needs one{hint}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path), **runtime)

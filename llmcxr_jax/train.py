@@ -24,7 +24,8 @@ from ml_collections import config_flags
 from llmcxr_jax import checkpoint, lm_task, parallel, trainer
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage1.py or configs/stage1.py:tiny",
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage1.py, configs/stage1.py:tiny or "
+                                "(VQ-GAN) configs/vqgan.py:demo",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and logs go here")
 flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memory; no training")
@@ -81,6 +82,10 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         raise ValueError(f"model.attention_impl='cudnn' needs GPUs, not {mesh.devices.flat[0].platform}; use 'auto' "
                          "(cuDNN where it applies) or 'xla'")
     trainer.check_train_settings(config.train, mesh)
+    key = "seq_len" if config.data.source == "synthetic" else "max_length"
+    if config.data[key] > config.model.max_position_embeddings:
+        raise ValueError(f"data.{key}={config.data[key]} exceeds model.max_position_embeddings="
+                         f"{config.model.max_position_embeddings}: the model has no positions that far")
     gbs, mbs = config.train.global_batch_size, config.train.micro_batches
     if config.train.loss_group_size < 1:
         raise ValueError(f"train.loss_group_size={config.train.loss_group_size} must be at least 1")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from hf_reference import hf_logits, save_hf, tiny_hf_model
 from llmcxr_jax import checkpoint, convert, parallel
@@ -105,6 +106,15 @@ def test_cli_hf_to_orbax_and_back(tmp_path):
     _assert_same_logits(restored, hf)
     convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")])
     _assert_same_logits(restored, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf2").eval())
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt: not empty; write to an empty directory"):
+        convert.main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "ckpt")])
+    # a training workdir exports its latest step
+    workdir = checkpoint.TrainCheckpoints(tmp_path / "run", every=1, keep=1, async_save=False)
+    workdir.save(4, {"model": nnx.to_pure_dict(nnx.state(restored, nnx.Param))}, {},
+                 checkpoint.model_metadata(restored.config, {"stage": 2}))
+    workdir.close()
+    convert.main(["orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "hf3")])
+    _assert_same_logits(restored, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf3").eval())
 
 
 def test_orbax_to_hf_keeps_the_token_layout_and_llmcxr_metadata(tmp_path):

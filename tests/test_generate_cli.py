@@ -162,6 +162,16 @@ def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
     assert "argument --mesh: '1,x' is not comma-separated integers" in capsys.readouterr().err
 
 
+
+def test_a_vqgan_workdir_is_not_taken_for_a_language_model(tmp_path):
+    workdir = checkpoint.TrainCheckpoints(tmp_path / "vq_run", every=1, keep=1, async_save=False)
+    workdir.save(3, {"gen": {"w": np.zeros(2, np.float32)}}, {}, {"task": "vqgan", "vqgan_config": {}})
+    workdir.close()
+    with pytest.raises(SystemExit, match=r"^error: .*vq_run.*: a VQ-GAN training workdir \(its metadata has no "
+                                         r"model_config\); give an LM checkpoint"):
+        generate.main(["--checkpoint", str(tmp_path / "vq_run"), "--task", "instruct", "--input", "x", "--out",
+                       str(tmp_path / "out")])
+
 def test_training_attention_and_remat_choices_do_not_reach_the_sampler(dirs, tmp_path):
     """A model trained with attention_impl=cudnn (GPU only, no masks) must still decode, masks and all."""
     checkpoint.save_model(load_hf_model(dirs["hf"], attention_impl="cudnn", remat_policy="full"), tmp_path / "c")

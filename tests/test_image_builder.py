@@ -184,6 +184,9 @@ def test_build_cli_names_a_missing_manual_dir_and_why_no_image_was_usable(tmp_pa
     with pytest.raises(SystemExit, match=r"^error: --manual_dir .*absent: no such directory"):
         build.main(["images", "--manual_dir", str(tmp_path / "absent"), "--data_dir", str(tmp_path / "tfds")])
     (tmp_path / "images").mkdir()
+    for kind in ("images", "dolly", "mimic"):
+        with pytest.raises(SystemExit, match=r"^error: --manual_dir .*images is empty; "):
+            build.main([kind, "--manual_dir", str(tmp_path / "images"), "--data_dir", str(tmp_path / "tfds")])
     for i in range(2):
         Image.fromarray(_gradient(40, 40, i)).save(tmp_path / "images" / f"img{i}.png")
     with pytest.raises(SystemExit, match=r"^error: .*images: none of the 2 images of split 'train' is usable, e.g. "

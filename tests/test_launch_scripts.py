@@ -65,6 +65,12 @@ def test_tpu_pod_script_runs_the_module_with_automatic_cluster_detection(stubs, 
         "configs/vqgan.py", TRICKY]
 
 
+
+def test_tpu_pod_script_prints_its_usage():
+    out = subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "--help"], capture_output=True, text=True,
+                         check=True, timeout=60, env={"PATH": os.environ["PATH"]}).stdout
+    assert out.startswith("Train on a Cloud TPU pod slice") and "TPU=my-v5p-64 ZONE=" in out and "set -e" not in out
+
 def test_local_launcher_fails_when_a_process_dies_by_a_signal(tmp_path):
     """Negative return codes (killed by a signal, e.g. JAX's abort when peers never arrive) are failures."""
     (tmp_path / "dies.py").write_text("import os, sys\n"

@@ -338,6 +338,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
      "train.loss_group_size=0 must be at least 1"),
     (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1"),
     (["--config.train.loss_chunk=-1"], "train.loss_chunk=-1 must be >= 0"),
+    (["--config.data.seq_len=256"], "data.seq_len=256 exceeds model.max_position_embeddings=128"),
     (["--config.init.from_scratch=False"], "stage 1 needs weights to start from: init.hf_dir"),
 ])
 def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, message):
@@ -378,3 +379,16 @@ def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"workdir gs://bucket/run: URLs are not supported.*mount the bucket"):
         run_steps(load_config("stage1"), mesh_of((1, 1, 1)), "gs://bucket/run", 1)
     assert not any(tmp_path.iterdir())
+
+
+def test_reading_a_workdir_prints_no_orbax_warnings(tmp_path, caplog):
+    """Stage 2, the sampler and exports open workdirs read-only; Orbax's notes that they are read-only look like
+    faults to users and are filtered (only those)."""
+    writer = checkpoint.TrainCheckpoints(tmp_path / "w", every=1, keep=1, async_save=False)
+    writer.save(1, {"a": np.zeros(2, np.float32)}, {}, {"x": 1})
+    writer.close()
+    with caplog.at_level("WARNING"):
+        reader = checkpoint.TrainCheckpoints(tmp_path / "w", read_only=True)
+        assert reader.read_meta(reader.latest_step()) == {"x": 1}
+        reader.close()
+    assert not [r for r in caplog.records if "read only" in r.getMessage() or "read_only" in r.getMessage()]

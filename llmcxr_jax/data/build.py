@@ -32,6 +32,9 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
         raise FileNotFoundError(f"--manual_dir {manual_dir}: no such directory; {kind} is built from local files "
                                 "(python -m llmcxr_jax.data.build --help)" if manual_dir else
                                 f"--manual_dir is required: {kind} is built from local files")
+    if kind != "phantoms" and not any(Path(manual_dir).iterdir()):  # TFDS would assert with a traceback
+        raise FileNotFoundError(f"--manual_dir {manual_dir} is empty; {kind} is built from local files put there "
+                                "(python -m llmcxr_jax.data.build --help)")
     cls = getattr(importlib.import_module(module), cls_name)
     download = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     report = {}
