@@ -47,7 +47,7 @@ print("\nsummary")
 for r in rows:
     if r["bench"] == "train":
         print(f"train    {r['impl']:13} b{r['batch']:<3} {r['remat']:14} {r['attention']:6} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu'] or 0:.1%}"
-              f"  peak {r.get('peak_gib', 0):.1f} GiB  first {r['first_step_s']:.0f} s  fused_attn {r.get('fused_attention', '-')}")
+              f"  peak {r.get('peak_gib', 0):.1f} GiB  first {r['first_step_s']:.0f} s  fused_attn {r.get('fused_attention', '-')} ×{r.get('attention_forwards', '-')}")
     elif r["bench"] == "generate_latency":
         print(f"generate {r['impl']:13} {r['measure']:6} b{r['batch']:<3} {r['ms_per_token']:>8.2f} ms/token"
               f" {r['tokens_per_s']:>9.0f} tok/s  s/image {r.get('s_per_image', '-')}")

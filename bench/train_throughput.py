@@ -102,6 +102,8 @@ def measure_ours(args: argparse.Namespace) -> dict:
     memory = device.memory_stats() or {}  # None on CPU
     result.update(jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), mu_dtype=args.mu_dtype,
                   fused_attention="__cudnn$fmha" in hlo,
+                  # per layer, the scan body: 1 = the backward reuses the forward's outputs, 2 = it reruns it
+                  attention_forwards=hlo.count('custom_call_target="__cudnn$fmhaSoftmax"'),
                   peak_gib=round(memory.get("peak_bytes_in_use", 0) / 2**30, 1))
     return result
 

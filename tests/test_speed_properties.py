@@ -3,10 +3,12 @@ compiled step, donated state, bf16 matmuls forward and backward, image-only logi
 (The fused cuDNN attention call is checked by bench/ on a GPU.)"""
 
 import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from llmcxr_jax import lm_task, parallel, sampling, trainer
@@ -151,3 +153,23 @@ def test_image_decoding_computes_logits_for_the_allowed_ids_only():
     assert "2x1x3000" in _decode_dot_shapes(None)  # the check sees the full head when it is there
     shapes = _decode_dot_shapes((1000, 1256))
     assert "2x1x256" in shapes and not any(s.endswith("x3000") for s in shapes), shapes
+
+
+@pytest.mark.parametrize("policy,forwards", [("dots_no_batch", 1), ("dots", 1), ("full", 2), ("none", 1)])
+def test_remat_keeps_the_fused_attention_forward(monkeypatch, policy, forwards):
+    """The bf16 step lowered for CUDA from the CPU, cuDNN's version checks answered as an H100's would be: per
+    layer, the dot remat policies run cuDNN's fused attention forward once (its outputs are kept for the
+    backward), `full` recomputes it (the check sees a second forward when there is one)."""
+    import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention  # jax internals: stubbed checks only
+
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)
+    cfg = CFG.replace(hidden_size=128, num_attention_heads=2, intermediate_size=256, dtype="bfloat16",
+                      attention_impl="cudnn", remat_policy=policy)
+    graphdef, params = nnx.split(GPTNeoX(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    ids = jnp.ones((2, 128), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(ids).sum()))
+    text = grad.trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    calls = Counter(re.findall(r"custom_call @([^(]+)\(", text))
+    assert calls["__cudnn$fmhaSoftmax"] == forwards and calls["__cudnn$fmhaSoftmaxBackward"] == 1, calls
