@@ -21,8 +21,8 @@ import numpy as np
 from llmcxr_jax.data.phantom import LABELS, report_label_array
 from llmcxr_jax.porter import stem
 
-__all__ = ["NO_FINDING", "PHANTOM_IMAGES", "PHANTOM_REPORTS", "PRF", "CodebookUsage", "Labeler",
-           "all_normal_labels", "bleu", "codebook_usage", "image_scores", "label_frequencies", "label_scores",
+__all__ = ["NO_FINDING", "PHANTOM_REPORTS", "PRF", "CodebookUsage", "Labeler",
+           "all_normal_labels", "bleu", "codebook_usage", "label_frequencies", "label_scores",
            "mean_rouge_l", "prior_random_labels", "psnr", "report_scores", "rouge_l", "rouge_tokens"]
 
 NO_FINDING = "no_finding"
@@ -128,13 +128,7 @@ class Labeler(NamedTuple):
     label: Callable[[Sequence], np.ndarray]
 
 
-def _phantom_image_labels(images) -> np.ndarray:
-    from llmcxr_jax.data.phantom import image_labels  # JAX; trains the default judge on first use
-    return image_labels(images)
-
-
 PHANTOM_REPORTS = Labeler(LABELS, report_label_array)
-PHANTOM_IMAGES = Labeler(LABELS, _phantom_image_labels)
 
 
 def _check_labels(truth: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> None:
@@ -254,8 +248,4 @@ def codebook_usage(codes, num_codes: int) -> CodebookUsage:
     used = int((counts > 0).sum())
     return CodebookUsage(float(np.exp(-(p * np.log(p)).sum())), used, num_codes - used)
 
-
-def image_scores(images, target_labels, labeler: Labeler = PHANTOM_IMAGES) -> dict[str, float]:
-    """Label scores of generated images against the findings they were asked for (e.g. their reports' labels)."""
-    return label_scores(target_labels, labeler.label(images), labeler.names)
 

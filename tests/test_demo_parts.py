@@ -50,7 +50,7 @@ def test_random_baselines_are_averaged_and_the_page_shows_every_score(tmp_path):
                  "generated_reports": ["r1", "r2"]}
     score = {"macro_f1": 0.25, "micro_f1": 0.5}
     results = {"reports": {"generated": score, "baseline_prior_random": {**score, "macro_f1": 0.125},
-                           "bleu": {"bleu4": 0.1}, "rougeL": 0.2},
+                           "bleu4": 0.1, "rougeL": 0.2},
                "images": {"generated": score, "generated_guided_2": score,
                           "baseline_prior_random_train_images": score},
                "vqgan": {"psnr_test_db": 20.0, "codebook_usage_test": {"perplexity": 3.0}},

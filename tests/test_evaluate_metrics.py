@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from llmcxr_jax.data.phantom import LABELS, make_phantoms
-from llmcxr_jax.metrics import (Labeler, all_normal_labels, bleu, codebook_usage, image_scores, label_frequencies,
-                                label_scores, mean_rouge_l, prior_random_labels, psnr, report_scores, rouge_l,
-                                rouge_tokens)
+from llmcxr_jax.metrics import (all_normal_labels, bleu, codebook_usage, label_frequencies, label_scores,
+                                mean_rouge_l, prior_random_labels, psnr, report_scores, rouge_l, rouge_tokens)
 from llmcxr_jax.porter import stem
 
 # ---- BLEU -------------------------------------------------------------------------------------------------------
@@ -197,23 +196,16 @@ def test_report_scores_with_the_phantom_labeler():
     assert "labels/micro_f1" not in report_scores(reports, reports, labeler=None)
 
 
-def test_image_scores_use_the_pluggable_labeler():
-    """A labeler that reads the label off the first pixel row: scores are label_scores of what it reads."""
-    images = np.zeros((7, 4, 4), np.uint8)
-    images[:, 0, :] = np.asarray(PRED) * 255
-    reader = Labeler(NAMES, lambda batch: (np.asarray(batch)[:, 0, :] > 127).astype(int))
-    assert image_scores(images, TRUTH, reader) == label_scores(TRUTH, PRED, NAMES)
-
-
-def test_image_scores_with_the_phantom_image_judge():
-    """The default judge (trained on first use, ~10 s on CPU) on held-out phantoms, scored against the labels of
-    their own reports, as report→CXR outputs are scored against their input reports."""
-    from llmcxr_jax.data.phantom import report_label_array
+def test_the_phantom_image_judge_scores_held_out_phantoms_against_their_reports():
+    """The judge (trained in ~10 s on CPU) on held-out phantoms, scored against the labels of their own reports, as
+    the demo scores report→CXR outputs against their input reports."""
+    from llmcxr_jax.data.phantom import report_label_array, train_image_judge
     cases = list(make_phantoms(11, 0, 200, 64))
     images, targets = np.stack([c.image for c in cases]), report_label_array([c.report for c in cases])
-    matched = image_scores(images, targets)
+    judged = train_image_judge(64).predict(images)
+    matched = label_scores(targets, judged, LABELS)
     assert matched["macro_f1"] > 0.9 and matched["accuracy"] > 0.97
-    assert image_scores(images, np.roll(targets, 1, axis=0))["macro_f1"] < 0.6
+    assert label_scores(np.roll(targets, 1, axis=0), judged, LABELS)["macro_f1"] < 0.6
 
 
 # ---- image metrics ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from llmcxr_jax.data.phantom import LABELS, ImageJudge, image_labels, phantom_arrays, train_image_judge
+from llmcxr_jax.data.phantom import LABELS, ImageJudge, phantom_arrays, train_image_judge
 
 HELD_OUT_SEED = 99  # the judge trains on its own seed (image_judge.JUDGE_SEED)
 
@@ -50,8 +50,8 @@ def test_blurred_noisy_phantoms_are_read_correctly(judge, held_out_256):
 
 def test_any_size_and_rgb_input_give_the_same_layout(judge):
     images, _ = phantom_arrays(HELD_OUT_SEED, 8, 100)  # not a multiple of the judging grid
-    gray = image_labels(images, judge)
-    rgb = image_labels(np.repeat(images[..., None], 3, axis=-1), judge)
+    gray = judge.predict(images)
+    rgb = judge.predict(np.repeat(images[..., None], 3, axis=-1))
     np.testing.assert_array_equal(gray, rgb)
     assert set(np.unique(gray)) <= {0, 1}
     np.testing.assert_array_equal(gray[:, -1], gray[:, :-1].sum(axis=1) == 0)  # no_finding is derived
@@ -67,7 +67,7 @@ def test_training_is_deterministic():
 
 def test_bad_inputs_are_refused_with_a_fix():
     with pytest.raises(ValueError, match="uint8"):
-        image_labels(np.zeros((2, 64, 64), np.float32), judge=ImageJudge(params={}))
+        ImageJudge(params={}).predict(np.zeros((2, 64, 64), np.float32))
     images, labels = phantom_arrays(5, 4, 32)
     with pytest.raises(ValueError, match="LABELS order"):
         ImageJudge.fit(images, labels[:, :3])

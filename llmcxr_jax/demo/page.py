@@ -61,7 +61,7 @@ labels of the test phantoms; random baselines are means over {results['baseline_
 <h2>Scores</h2>
 <table><tr><th>direction</th><th>what</th><th>macro-F1</th><th>micro-F1</th></tr>
 {_score_rows(results)}</table>
-<p>Generated reports: BLEU-4 {reports['bleu']['bleu4']:.3f}, ROUGE-L {reports['rougeL']:.3f} against the true
+<p>Generated reports: BLEU-4 {reports['bleu4']:.3f}, ROUGE-L {reports['rougeL']:.3f} against the true
 impressions. VQ-GAN: reconstruction PSNR {vq['psnr_test_db']:.1f} dB, perplexity of test codes
 {vq['codebook_usage_test']['perplexity']:.1f}.</p>
 <h2>Report → chest X-ray</h2>

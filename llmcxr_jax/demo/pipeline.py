@@ -162,9 +162,8 @@ def _score(vqgan, train_cases, test_cases, generated, seed: int) -> dict[str, An
                 [metrics.label_scores(truth, metrics.prior_random_labels(freq, n, seed + k), names)
                  for k in range(BASELINE_DRAWS)]),
             "baseline_all_normal": metrics.label_scores(truth, metrics.all_normal_labels(n), names),
-            "bleu": dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"),
-                             metrics.bleu(reports, [[r] for r in generated["impressions"]]))),
-            "rougeL": metrics.mean_rouge_l(reports, generated["impressions"]),
+            # BLEU-1..4 and ROUGE-L against the impressions; findings are scored above, against the true labels
+            **metrics.report_scores(reports, generated["impressions"], labeler=None),
         },
         "images": {
             "generated": metrics.label_scores(truth, judge.predict(generated["generated_images"]), names),

@@ -117,7 +117,3 @@ def train_image_judge(size: int = 64, seed: int = JUDGE_SEED, count: int = 2000)
     """A judge fitted on `count` fresh phantoms rendered at `size` (cached per process)."""
     return ImageJudge.fit(*phantom_arrays(seed, count, size), seed=seed)
 
-
-def image_labels(images, judge: ImageJudge | None = None) -> np.ndarray:
-    """(B, len(LABELS)) 0/1 findings read off uint8 radiographs of any size; trains the default judge on first use."""
-    return (judge or train_image_judge()).predict(images)
