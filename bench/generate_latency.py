@@ -34,24 +34,17 @@ from llmcxr_jax.convert import save_hf_model  # noqa: E402
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, unstack_layers  # noqa: E402
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys  # noqa: E402
 from profile_ops import profile_top_ops  # noqa: E402  (bench/, like timing)
+from shapes import LLMCXR_VOCAB, SHAPES  # noqa: E402  bench/shapes.py
 from timing import median_seconds  # noqa: E402  bench/timing.py (scripts run from bench/)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.jsonl"
-VOCAB, IMAGE_OFFSET, NUM_CODES = 51305, 50281, 1024
-SHAPES = {  # hidden, layers, heads, intermediate (Pythia / dolly-v2 shapes)
-    "tiny": (64, 2, 4, 256),
-    "pythia-70m": (512, 6, 8, 2048),
-    "410m": (1024, 24, 16, 4096),
-    "2.8b": (2560, 32, 32, 10240),
-}
+IMAGE_OFFSET, NUM_CODES = 50281, 1024  # LLM-CXR's vocabulary (shapes.LLMCXR_VOCAB) at every shape
 PROMPT_LEN, NEW_TOKENS = 128, 256
 SAMPLING = SamplingParams()  # top-p 0.92, top-k off, temperature 1
 
 
 def model_config(shape: str, dtype: str) -> GPTNeoXConfig:
-    hidden, layers, heads, mlp = SHAPES[shape]
-    return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         intermediate_size=mlp, dtype=dtype, param_dtype=dtype)
+    return GPTNeoXConfig(vocab_size=LLMCXR_VOCAB, **SHAPES[shape], dtype=dtype, param_dtype=dtype)
 
 
 def prompts(batch: int) -> np.ndarray:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # GPT-NeoX shapes (Pythia family; 2.8b = dolly-v2-3b with LLM-CXR's 51305 vocabulary)
-    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-    "pythia-70m": dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                       intermediate_size=2048),
-    "410m": dict(vocab_size=50304, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                 intermediate_size=4096),
-    "2.8b": dict(vocab_size=51305, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-                 intermediate_size=10240),
-}
+from shapes import SHAPES, TRAIN_VOCAB  # noqa: E402  bench/ (the script's folder)
+from timing import median_seconds  # noqa: E402
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -38,10 +31,8 @@ def peak_flops(device_kind: str) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), 0.0)
 
 
-def flops_per_token(shape: dict, seq: int) -> float:
-    """6·N + 12·L·d·S with N = non-embedding weights + LM head (BENCHMARKS.md)."""
-    E, L, M, V = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
-    return 6.0 * (L * (4 * E * E + 2 * E * M) + E * V) + 12.0 * L * E * seq
+def model_shape(name: str) -> dict:
+    return dict(SHAPES[name], vocab_size=TRAIN_VOCAB[name])
 
 
 def measure_ours(args: argparse.Namespace) -> dict:
@@ -51,7 +42,7 @@ def measure_ours(args: argparse.Namespace) -> dict:
 
     from llmcxr_jax import lm_task, parallel, trainer
 
-    shape = SHAPES[args.shape]
+    shape = model_shape(args.shape)
     config = types.SimpleNamespace(
         seed=0, model=dict(shape, dtype=args.dtype, param_dtype="float32", attention_impl=args.attention,
                            remat_policy=args.remat, max_position_embeddings=max(2048, args.seq)),
@@ -76,16 +67,16 @@ def measure_ours(args: argparse.Namespace) -> dict:
         batch = trainer.to_global(batch, batch_sh)
         step = step.lower(state, batch).compile()
         hlo = step.as_text()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
+
+        def steps() -> None:
+            nonlocal state, metrics
             for _ in range(args.steps):
                 state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
-            times.append((time.perf_counter() - t) / args.steps)
+
+        metrics = None
+        seconds, first = median_seconds(steps, warmup=1, repeats=args.repeats)
         if args.profile:
             from profile_ops import profile_top_ops  # bench/ (the script's folder)
 
@@ -97,8 +88,8 @@ def measure_ours(args: argparse.Namespace) -> dict:
             profile_top_ops(one_step, f"train {args.shape} b{args.batch} {args.remat} {args.attention}",
                             Path(args.profile), hlo_text=hlo)
     device = jax.devices()[0]
-    result = _result("ours", args, statistics.median(times), compile_s, device.device_kind, jax.device_count(),
-                     float(metrics["loss"]))
+    result = _result("ours", args, seconds / args.steps, compile_s + first / args.steps, device.device_kind,
+                     jax.device_count(), float(metrics["loss"]))
     memory = device.memory_stats() or {}  # None on CPU
     result.update(jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), mu_dtype=args.mu_dtype,
                   fused_attention="__cudnn$fmha" in hlo,
@@ -112,7 +103,7 @@ def measure_reference(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    shape = SHAPES[args.shape]
+    shape = model_shape(args.shape)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     hf_config = transformers.GPTNeoXConfig(**shape, rotary_pct=0.25, use_parallel_residual=True,
@@ -134,21 +125,18 @@ def measure_reference(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    t0 = time.perf_counter()
-    loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
+    loss = None
+
+    def steps() -> None:
+        nonlocal loss
         for _ in range(args.steps):
             loss = step()
         if cuda:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) / args.steps)
+
+    seconds, first = median_seconds(steps, warmup=1, repeats=args.repeats)
     kind = torch.cuda.get_device_name() if cuda else "cpu"
-    result = _result("transformers", args, statistics.median(times), compile_s, kind, 1, float(loss))
+    result = _result("transformers", args, seconds / args.steps, first / args.steps, kind, 1, float(loss))
     result.update(torch=torch.__version__, transformers=transformers.__version__,
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else 0.0)
     return result
@@ -156,12 +144,15 @@ def measure_reference(args: argparse.Namespace) -> dict:
 
 def _result(impl: str, args: argparse.Namespace, step_s: float, first_s: float, kind: str, devices: int,
             loss: float) -> dict:
+    from llmcxr_jax.lm_task import flops_per_token
+    from llmcxr_jax.model import GPTNeoXConfig
+
     tokens_s = args.batch * args.seq / step_s
     peak = peak_flops(kind) * devices
+    flops = flops_per_token(GPTNeoXConfig(**model_shape(args.shape)), args.seq)
     return {"bench": "train", "impl": impl, "shape": args.shape, "batch": args.batch, "seq": args.seq,
             "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "step_s": step_s,
-            "tokens_per_s": tokens_s, "mfu": tokens_s * flops_per_token(SHAPES[args.shape], args.seq) / peak
-            if peak else None, "first_step_s": first_s, "device": kind, "devices": devices, "loss": loss,
+            "tokens_per_s": tokens_s, "mfu": tokens_s * flops / peak if peak else None, "first_step_s": first_s, "device": kind, "devices": devices, "loss": loss,
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +128,21 @@ def latest_metadata(directory: str | Path, step: int | None = None) -> tuple[dic
     directory = Path(directory).absolute()
     if checkpoint_kind(directory) != "workdir":
         return read_metadata(directory), str(directory / "meta.json"), None
-    ckpts = TrainCheckpoints(directory, read_only=True)
+    with workdir_step(directory, step) as (ckpts, step):
+        return ckpts.read_meta(step), f"{directory / 'checkpoints'} step {step} meta", step
+
+
+@contextlib.contextmanager
+def workdir_step(workdir: str | Path, step: int | None = None) -> Iterator[tuple[TrainCheckpoints, int]]:
+    """A training workdir opened read-only with `step` (default: its latest finished one), closed afterwards."""
+    ckpts = TrainCheckpoints(workdir, read_only=True)
     try:
         steps = ckpts.all_steps()
         if not steps:
-            raise FileNotFoundError(f"{directory / 'checkpoints'}: no finished checkpoint to load")
+            raise FileNotFoundError(f"{ckpts.directory}: no finished checkpoint to load")
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"{directory / 'checkpoints'}: no checkpoint of step {step} (it has {steps})")
-        step = max(steps) if step is None else step
-        return ckpts.read_meta(step), f"{directory / 'checkpoints'} step {step} meta", step
+            raise FileNotFoundError(f"{ckpts.directory}: no checkpoint of step {step} (it has {steps})")
+        yield ckpts, max(steps) if step is None else step
     finally:
         ckpts.close()
 

@@ -26,6 +26,7 @@ from llmcxr_jax import parallel
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, resolve_dtype
 from llmcxr_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_file
 from llmcxr_jax.tokenizer import LAYOUT_FILE
+from vqgan_flax.json_object import read_json_object
 
 # Registered buffers of older transformers checkpoints; they hold no weights.
 IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
@@ -337,16 +338,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 def read_hf_metadata(directory: Path) -> dict[str, Any]:
     """The LLM-CXR metadata an `orbax-to-hf` export left beside config.json ({} for a plain HF directory)."""
-    path = directory / HF_METADATA_FILE
-    if not path.exists():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return meta
+    return read_json_object(directory / HF_METADATA_FILE, ConversionError, missing_ok=True)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

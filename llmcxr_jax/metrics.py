@@ -144,7 +144,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(np.shape(num), float), where=np.asarray(den) > 0)
 
 
-def label_scores(truth, predicted, names: Sequence[str]) -> dict[str, float]:
+def label_scores(truth: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """Precision, recall, F1 (micro and macro over labels), accuracy over all cells, exact-match rate, per-label F1.
 
     Matches scikit-learn's `precision_recall_fscore_support(average=..., zero_division=0)`: a label with no
@@ -172,7 +172,7 @@ def label_scores(truth, predicted, names: Sequence[str]) -> dict[str, float]:
 
 # ---- baselines --------------------------------------------------------------------------------------------------
 
-def label_frequencies(labels) -> np.ndarray:
+def label_frequencies(labels: np.ndarray) -> np.ndarray:
     """Per-label positive rate of a (n, L) 0/1 array, e.g. of the training reports."""
     labels = np.asarray(labels)
     if labels.ndim != 2 or not len(labels):
@@ -180,7 +180,7 @@ def label_frequencies(labels) -> np.ndarray:
     return labels.mean(axis=0)
 
 
-def prior_random_labels(frequencies, n: int, seed: int, names: Sequence[str] = LABELS,
+def prior_random_labels(frequencies: np.ndarray, n: int, seed: int, names: Sequence[str] = LABELS,
                         no_finding: str | None = NO_FINDING) -> np.ndarray:
     """n rows where each finding is positive independently at its training frequency (a chance-level labeler).
 
@@ -219,7 +219,7 @@ def report_scores(generated: Sequence[str], references: Sequence[str],
     return out
 
 
-def psnr(reference, reconstruction, data_range: float = 2.0) -> np.ndarray:
+def psnr(reference: np.ndarray, reconstruction: np.ndarray, data_range: float = 2.0) -> np.ndarray:
     """Per-image PSNR in dB, 10·log10(range² / MSE) over all pixels of each image; inf for identical images.
 
     The default range 2 is for images in [-1, 1] (the VQ-GAN's); use 255 for uint8.
@@ -238,7 +238,7 @@ class CodebookUsage(NamedTuple):
     dead: int  # codes never used
 
 
-def codebook_usage(codes, num_codes: int) -> CodebookUsage:
+def codebook_usage(codes: np.ndarray, num_codes: int) -> CodebookUsage:
     """How much of the codebook a set of code maps uses (any shape of ints in [0, num_codes))."""
     flat = np.asarray(codes).reshape(-1)
     if not flat.size or flat.min() < 0 or flat.max() >= num_codes:

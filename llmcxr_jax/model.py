@@ -330,7 +330,8 @@ class GPTNeoX(nnx.Module):
             mask = (causal[None] & valid[:, None, :])[:, None]
         return self.logits(self.hidden_states(input_ids, positions, mask))
 
-    def hidden_states(self, input_ids, positions, mask, cache: KVCache | None = None):
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                      cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Final-LayerNorm'd hidden states (and the updated cache layers when `cache` is given)."""
         cfg = self.config
         x = jnp.take(self.embed_in[...], input_ids, axis=0).astype(resolve_dtype(cfg.dtype))
@@ -383,7 +384,7 @@ class GPTNeoX(nnx.Module):
         )
 
     def extend(self, input_ids: jax.Array, cache: KVCache, token_valid: jax.Array | None = None,
-               vocab_range: tuple[int, int] | None = None):
+               vocab_range: tuple[int, int] | None = None) -> tuple[jax.Array, KVCache]:
         """Append tokens (prefill or one decode step) to the cache; returns (logits, cache).
 
         `token_valid` (batch, length) marks real tokens (False for left padding); padded slots are never attended.

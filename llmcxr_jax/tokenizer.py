@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from vqgan_flax.json_object import read_json_object
+
 PAD_TOKEN = "<|endoftext|>"
 END_KEY = "### End"
 INSTRUCTION_KEY = "### Instruction:"
@@ -291,15 +293,7 @@ class LlmCxrTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerLayoutError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise TokenizerLayoutError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, TokenizerLayoutError, missing_ok=True)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -22,6 +22,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llmcxr_jax import checkpoint, lm_task, parallel, trainer
+
+if TYPE_CHECKING:
+    from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage1.py, configs/stage1.py:tiny or "
@@ -110,7 +113,8 @@ def token_metadata(config: Any) -> dict[str, Any]:
             "vqgan_grid": [config.vqgan.grid, config.vqgan.grid]}
 
 
-def load_tokenizer(config: Any):
+def load_tokenizer(config: Any) -> LlmCxrTokenizer:
+    """The run's tokenizer (`config.tokenizer`, else the packaged LLM-CXR one) with its image codes."""
     from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
     return LlmCxrTokenizer.from_pretrained(config.tokenizer or None, num_image_codes=config.vqgan.num_codes)
@@ -175,7 +179,7 @@ def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None, str]
     return it, it.batches_per_epoch, fingerprint
 
 
-def make_eval_data(config: Any, batch_keys: Any):
+def make_eval_data(config: Any, batch_keys: Any) -> Callable[[], Any] | None:
     """A function returning a fresh one-pass validation iterator (only the arrays the step takes), or None."""
     if config.data.source != "tfds" or not config.train.eval_every:
         return None

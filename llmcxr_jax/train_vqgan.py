@@ -17,9 +17,8 @@ from absl import app, flags
 
 from llmcxr_jax import parallel, train, trainer, vqgan_task
 from llmcxr_jax.data import image_builder
+from llmcxr_jax.data.cxr_phantoms_builder import TEST_OFFSET  # eval phantoms: disjoint from training's
 flags.adopt_module_key_flags(train)  # --config, --workdir, --dry_run, --topology: so --help lists them
-
-EVAL_OFFSET = 20_000_000  # phantom eval images: case indices disjoint from the training ones (as cxr_phantoms' test)
 
 
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
@@ -34,7 +33,7 @@ def image_sources(config: Any) -> tuple[Any, Any]:
     size, data = config.model.resolution, config.data
     if data.source == "phantoms":
         return (image_builder.phantom_records(config.seed, data.num_images, size),
-                image_builder.phantom_records(config.seed, data.num_eval_images, size, start=EVAL_OFFSET))
+                image_builder.phantom_records(config.seed, data.num_eval_images, size, start=TEST_OFFSET))
     if data.source != "tfds":
         raise ValueError(f"data.source {data.source!r} is unknown; expected 'tfds' or 'phantoms'")
     import tensorflow_datasets as tfds

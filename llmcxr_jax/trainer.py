@@ -239,7 +239,9 @@ def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding])
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
-def compile_train_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding]):
+def compile_train_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding],
+                       ) -> Callable[..., Any]:
+    """(state, batch) -> (state, metrics), jitted with explicit shardings; the state is donated."""
     def step(state, batch):
         module = nnx.merge(graphdef, state)
         metrics = task.train_step(module, batch)
@@ -248,7 +250,9 @@ def compile_train_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch
     return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
 
 
-def compile_eval_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding]):
+def compile_eval_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding],
+                      ) -> Callable[..., Any]:
+    """(state, batch) -> summed metrics, jitted; the state is only read."""
     def step(state, batch):
         return task.eval_step(nnx.merge(graphdef, state), batch)
 

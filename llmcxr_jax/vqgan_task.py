@@ -288,7 +288,7 @@ def build_task(config: Any, preview: np.ndarray | None = None) -> trainer.Task:
 
     def create_state() -> VQGANTrainState:
         rngs = nnx.Rngs(config.seed)
-        disc = PatchDiscriminator(loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, rngs=rngs)
+        disc = loss_cfg.discriminator(rngs)
         return VQGANTrainState(VQGAN(vq_cfg, rngs=rngs), disc, LPIPS(rngs=rngs) if use_lpips else None, tx, tx)
 
     def initial_state(shardings: Any) -> Any:
@@ -355,27 +355,20 @@ def export_workdir(workdir: str | Path, directory: str | Path, step: int | None 
     In a multi-process run every process must call it: opening and reading the checkpoint waits at Orbax barriers
     for all processes. Process 0 alone writes the export and returns its fingerprint; the others return None.
     """
-    from llmcxr_jax.checkpoint import TrainCheckpoints
+    from llmcxr_jax.checkpoint import workdir_step
 
-    ckpts = TrainCheckpoints(workdir, read_only=True)
-    try:
-        step = ckpts.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir}: no finished training checkpoint to export")
+    with workdir_step(workdir, step) as (ckpts, step):
         meta = ckpts.read_meta(step)
         if meta.get("task") != "vqgan":
             raise ValueError(f"{workdir} step {step}: not a VQ-GAN training run (task {meta.get('task')!r})")
         vq_cfg = VQGANConfig.from_dict(meta["vqgan_config"], source=f"{workdir} step {step} meta")
         loss_cfg = losses.LossConfig(**meta["loss_config"])
         parts = {"model": lambda: VQGAN(vq_cfg, rngs=nnx.Rngs(0)),
-                 "discriminator": lambda: PatchDiscriminator(loss_cfg.disc_in_channels, loss_cfg.disc_ndf,
-                                                             loss_cfg.disc_num_layers, rngs=nnx.Rngs(0))}
+                 "discriminator": lambda: loss_cfg.discriminator(nnx.Rngs(0))}
         if loss_cfg.perceptual_weight > 0:
             parts["lpips"] = lambda: LPIPS(rngs=nnx.Rngs(0))
         targets = {name: _restore_target(nnx.eval_shape(make)) for name, make in parts.items()}
         restored = ckpts.restore_subtree(step, {name: t[2] for name, t in targets.items()})
-    finally:
-        ckpts.close()
     if jax.process_index() != 0:
         return None
     modules = {}

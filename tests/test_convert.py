@@ -271,3 +271,26 @@ def test_checkpoint_with_other_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"params: parameters do not match the model config"):
         checkpoint.load_model(tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt" / "params")
+
+
+@pytest.mark.parametrize("content,message", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, "
+                                                                                         "got list")])
+def test_metadata_files_that_are_not_json_objects_are_named(tmp_path, content, message):
+    """The three metadata readers (HF export metadata, token layout, VQ-GAN config) share one reader."""
+    import vqgan_flax
+    from llmcxr_jax.convert import HF_METADATA_FILE, read_hf_metadata
+    from llmcxr_jax.tokenizer import LAYOUT_FILE, LlmCxrTokenizer, TokenizerLayoutError
+    from vqgan_flax.checkpoint import CONFIG_FILE, CheckpointError
+
+    (tmp_path / HF_METADATA_FILE).write_text(content)
+    with pytest.raises(ConversionError, match=f"{HF_METADATA_FILE}: {message}"):
+        read_hf_metadata(tmp_path)
+    LlmCxrTokenizer.from_pretrained().save(tmp_path / "tok")
+    (tmp_path / "tok" / LAYOUT_FILE).write_text(content)
+    with pytest.raises(TokenizerLayoutError, match=f"{LAYOUT_FILE}: {message}"):
+        LlmCxrTokenizer.from_pretrained(tmp_path / "tok")
+    (tmp_path / "vq").mkdir()
+    (tmp_path / "vq" / CONFIG_FILE).write_text(content)
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE}: {message}"):
+        vqgan_flax.checkpoint.read_config(tmp_path / "vq")
+    assert read_hf_metadata(tmp_path / "vq") == {}  # none there: a plain HF directory

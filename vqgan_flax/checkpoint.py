@@ -21,6 +21,7 @@ from flax import nnx
 
 from vqgan_flax.atomic import write_atomic
 from vqgan_flax.config import VQGANConfig
+from vqgan_flax.json_object import read_json_object
 from vqgan_flax.layers import Dtype
 from vqgan_flax.model import VQGAN
 
@@ -135,13 +136,7 @@ def save(model: VQGAN, directory: str | Path) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def read_config(directory: str | Path) -> VQGANConfig:

@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from vqgan_flax import checkpoint
 from vqgan_flax.codes import INVALID_FILE, CodesMeta, CodesWriter
-from vqgan_flax.images import DICOM_MODES, RECIPE, load_image, preprocess
+from vqgan_flax.images import DICOM_MODES, RECIPE, image_files, load_image, preprocess
 from vqgan_flax.model import VQGAN
 from vqgan_flax.parallel import DataParallel
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom"}
 ERRORS_FILE = "errors.tsv"
 
 
@@ -35,8 +34,7 @@ def find_images(inputs: Sequence[str | Path]) -> dict[str, Path]:
     files: dict[Path, None] = {}
     for item in map(Path, inputs):
         if item.is_dir():
-            files.update(dict.fromkeys(sorted(f for f in item.rglob("*")
-                                              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)))
+            files.update(dict.fromkeys(image_files(item)))
         elif item.is_file():
             files[item] = None
         else:

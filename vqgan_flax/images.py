@@ -13,6 +13,7 @@ DICOM (grayscale, single frame) has two documented modes, both ending in 8 bits:
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +28,22 @@ DICOM_MODES = ("mimic_jpg", "voi")
 RECIPE = {"name": "llmcxr-pil-lanczos-centercrop", "version": 1}
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *sorted(_DICOM_SUFFIXES))
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _GRAY_MODES = {"1", "L", "LA", "La"}
+
+
+def image_files(directory: Path) -> list[Path]:
+    """The chest X-ray files (IMAGE_SUFFIXES, any case) under `directory`, recursively, sorted."""
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A lossless PNG of uint8 pixels (H, W), (H, W, 1) or (H, W, 3)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(buffer,
+                                                                                                   format="PNG")
+    return buffer.getvalue()
 
 
 class ImageLoadError(Exception):

@@ -55,6 +55,10 @@ class LossConfig:
     beta: float = 0.25
     legacy_beta: bool = True  # taming 0.0.1: beta scales the codebook term (SPEC "Legacy beta quirk")
 
+    def discriminator(self, rngs: nnx.Rngs) -> PatchDiscriminator:
+        """The PatchGAN these settings describe."""
+        return PatchDiscriminator(self.disc_in_channels, self.disc_ndf, self.disc_num_layers, rngs=rngs)
+
 
 # ---------------------------------------------------------------------------------------------------- formulas
 
@@ -268,8 +272,7 @@ def load_lpips(*, vqgan_dir: str | Path = "", vgg16_path: str | Path = "", heads
 
 def discriminator_from_tensors(tensors: Mapping[str, np.ndarray], cfg: LossConfig, source: str) -> PatchDiscriminator:
     """The PatchGAN (weights and BatchNorm running statistics) from taming's `loss.discriminator.main.*` tensors."""
-    abstract = nnx.eval_shape(lambda: PatchDiscriminator(cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers,
-                                                         rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: cfg.discriminator(nnx.Rngs(0)))
     keys = {n: DISCRIMINATOR_PREFIX + disc_lib.taming_key(n, cfg.disc_num_layers) for n in shapes(abstract)}
     arrays = _pick(tensors, keys, source, f"Expected taming's NLayerDiscriminator with n_layers="
                    f"{cfg.disc_num_layers}, ndf={cfg.disc_ndf} (loss.disc_num_layers / loss.disc_ndf).")

@@ -13,15 +13,14 @@ Train and test draw disjoint case indices of the same seed; the test cases do no
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from llmcxr_jax.data.phantom import LABELS, Phantom, make_phantoms
 from llmcxr_jax.data.phantom.generate import MIN_SIZE
 from llmcxr_jax.data.tfds_local import LocalFilesBuilder
+from vqgan_flax.images import png_bytes
 
 TEST_OFFSET = 20_000_000  # first case index of the test split; also the most cases a split may hold
 SUBJECT_BASE, STUDY_BASE = 10_000_000, 50_000_000  # 8-digit ids, like MIMIC-CXR's
@@ -47,12 +46,6 @@ class CxrPhantomsConfig(tfds.core.BuilderConfig):
             if getattr(self, field) > TEST_OFFSET:
                 raise ValueError(f"CxrPhantomsConfig({self.name!r}).{field}={getattr(self, field)}: at most "
                                  f"{TEST_OFFSET} cases per split")
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def record(phantom: Phantom, index: int) -> dict:

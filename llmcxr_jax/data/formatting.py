@@ -58,7 +58,8 @@ class FormatInstruction:
                                            text(record["response"]))
 
 
-def make_formatter(kind: str, tokenizer: LlmCxrTokenizer, seed: int):
+def make_formatter(kind: str, tokenizer: LlmCxrTokenizer, seed: int,
+                   ) -> FormatImageReport | FormatVqa | FormatInstruction:
     """The formatter of a source kind (one of KINDS); `seed` fixes the image/report instructions."""
     if kind == "mimic":
         return FormatImageReport(tokenizer, seed)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,14 +32,13 @@ from typing import Any
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from llmcxr_jax.data import mimic_files
 from llmcxr_jax.data.process_share import IN_CALLING_THREAD, process_share
 from llmcxr_jax.data.tfds_local import LocalFilesBuilder
-from vqgan_flax.images import ImageLoadError, ImageTooSmallError, load_image, preprocess
+from vqgan_flax.images import (IMAGE_SUFFIXES, ImageLoadError, ImageTooSmallError, image_files, load_image,
+                               png_bytes, preprocess)
 
-SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 _CHUNK = 256  # files prepared concurrently before they are written in order
 
 
@@ -78,16 +76,6 @@ def prepare(path: Path, size: int, channels: int, allow_upscale: bool) -> np.nda
     return pixels[..., :1]
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
-
-
 def _in_validation(relative: str, fraction: float) -> bool:
     return int(hashlib.sha1(relative.encode()).hexdigest()[:12], 16) / 16**12 < fraction
 
@@ -99,9 +87,9 @@ def example_key(root: Path, path: Path) -> str:
 
 def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dict[str, str]]:
     """(split -> files, skipped file -> reason) before any image is decoded."""
-    files = find_images(root)
+    files = image_files(root)
     if not files:
-        raise mimic_files.ManualFilesMissingError(f"{root}: no {'/'.join(SUFFIXES)} files found (searched "
+        raise mimic_files.ManualFilesMissingError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} files found (searched "
                                                   "recursively); put the chest X-rays there")
     by_key: dict[str, list[str]] = {}
     for p in files:  # a.png and a.jpg would share a key and collide only after every image was processed

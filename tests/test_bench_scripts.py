@@ -1,0 +1,41 @@
+"""The benchmark scripts run on CPU at the `tiny` shapes beside their references and append what they print:
+what a GPU call of bench/gpu_suite.sh relies on. (Speed itself is measured by the scripts, never by tests.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from train_helpers import ROOT
+
+BENCH = ROOT / "bench"
+
+
+def _run(tmp_path, script: str, *args: str) -> tuple[str, list[dict]]:
+    out = tmp_path / "results.jsonl"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], cwd=BENCH, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_train_throughput_runs_ours_and_transformers(tmp_path):
+    printed, rows = _run(tmp_path, "train_throughput.py", "--shape", "tiny", "--batch", "2", "--seq", "32",
+                         "--steps", "1", "--repeats", "1", "--ref")
+    assert [r["impl"] for r in rows] == ["ours", "transformers"]
+    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows) and "ratio ours/transformers" in printed
+
+
+def test_generate_latency_runs_ours_and_transformers(tmp_path):
+    printed, rows = _run(tmp_path, "generate_latency.py", "--shape", "tiny", "--batches", "1", "--repeats", "1",
+                         "--ref")
+    assert {r["impl"] for r in rows} >= {"jax", "transformers"}
+    assert all(r["ms_per_token"] > 0 for r in rows) and "ms/token" in printed
+
+
+def test_vqgan_throughput_runs_ours_and_taming(tmp_path):
+    printed, rows = _run(tmp_path, "vqgan_throughput.py", "--shape", "tiny", "--batch", "2", "--repeats", "1",
+                         "--warmup", "1", "--ref")
+    assert {r["impl"] for r in rows} == {"jax", "taming"} and all(r["images_per_s"] > 0 for r in rows)
