@@ -124,6 +124,7 @@ def _lm_config(stage: str, builder: str, steps: int, *, data_dir: str, tokenizer
 
 
 def _sample(out: Path, vqgan_dir: Path, vqgan, test_cases, seed: int) -> dict[str, Any]:
+    from llmcxr_jax.evaluate import REPORT_TOKENS as EVAL_REPORT_TOKENS  # the original's eval: 128
     from llmcxr_jax.generate import Sampler
     from vqgan_flax.codes import CodesDir
 
@@ -133,7 +134,7 @@ def _sample(out: Path, vqgan_dir: Path, vqgan, test_cases, seed: int) -> dict[st
     impressions = [parse_report(c.report, 2) for c in test_cases]
     images = sampler.report_to_cxr(impressions, seed=seed, progress=True)
     guided = sampler.report_to_cxr(impressions, seed=seed, guidance_scale=GUIDANCE_SCALE, progress=True)
-    texts = sampler.cxr_to_report(codes=true_codes, seed=seed, progress=True)
+    texts = sampler.cxr_to_report(codes=true_codes, seed=seed, progress=True, max_new_tokens=EVAL_REPORT_TOKENS)
     from vqgan_flax.images import postprocess
 
     return {"impressions": impressions, "generated_images": postprocess(images.images), "generated_codes": images.codes,
