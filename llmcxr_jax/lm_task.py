@@ -7,6 +7,7 @@ supervised target (response, `\\n\\n`, `### End`; SPEC §8). Position t's logits
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -69,11 +70,12 @@ def target_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array,
 
 
 def chunked_statistics(model: GPTNeoX, input_ids: jax.Array, loss_weights: jax.Array, image_offset: int,
-                       chunk: int) -> dict[str, jax.Array]:
-    """`token_statistics(model(ids), ...)` without materialising (batch, length, vocab) fp32 logits.
+                       chunk: int, scales: jax.Array | None = None) -> dict[str, jax.Array]:
+    """`token_statistics(model(ids), ...)` without materialising (batch, length, vocab) fp32 logits, plus
+    `loss` = Σ_b scales_b · seq_loss_b (scales default 1), the value to differentiate.
 
-    The LM head and cross-entropy run over `chunk` positions at a time under `jax.checkpoint`, so the backward
-    pass recomputes each chunk's logits instead of keeping all of them (51k × length × batch × 4 bytes).
+    The LM head and cross-entropy run over `chunk` positions at a time (`_chunked_head_loss`): the gradient of
+    `loss` is formed chunk by chunk in the forward pass, so no chunk's logits are kept or recomputed.
     """
     B, T = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -86,18 +88,63 @@ def chunked_statistics(model: GPTNeoX, input_ids: jax.Array, loss_weights: jax.A
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-    kernel = model.head_kernel()
+    scales = jnp.ones((B,), jnp.float32) if scales is None else scales.astype(jnp.float32)
+    loss, stats = _chunked_head_loss(chunks(h), model.head_kernel(), chunks(targets), chunks(weights), scales,
+                                     image_offset)
+    return {"loss": loss, **stats}
 
-    @jax.checkpoint
-    def one(k, hc, tc, wc):
-        return target_statistics(lm_head(hc, k), tc, wc, image_offset)
 
+def _zero_statistics(batch: int) -> dict[str, jax.Array]:
+    return {"seq_loss": jnp.zeros((batch,), jnp.float32), **{k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, scales: jax.Array,
+                       image_offset: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(Σ_b scales_b · seq_loss_b, statistics) of chunks (n, B, chunk, ...) of hidden states, targets, weights.
+
+    A fused linear cross-entropy: differentiated, its forward pass also forms d loss / d h and d loss / d kernel
+    chunk by chunk (softmax − one-hot, scaled, through the two head matmuls in the compute dtype, as `lm_head`'s
+    VJP does), and the backward pass only scales them by the loss's cotangent. Checkpointing each chunk instead
+    would run the head's forward matmul a second time. The statistics carry no gradient.
+    """
     def body(total, xs):
-        stats = one(kernel, *xs)
-        return jax.tree.map(jnp.add, total, stats), None
+        hc, tc, wc = xs
+        return jax.tree.map(jnp.add, total, target_statistics(lm_head(hc, kernel), tc, wc, image_offset)), None
 
-    zeros = {"seq_loss": jnp.zeros((B,), jnp.float32), **{k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}}
-    return jax.lax.scan(body, zeros, (chunks(h), chunks(targets), chunks(weights)))[0]
+    stats = jax.lax.scan(body, _zero_statistics(scales.shape[0]), (h, targets, weights))[0]
+    return (stats["seq_loss"] * scales).sum(), stats
+
+
+def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset):
+    compute_kernel = kernel.astype(h.dtype)
+
+    def body(carry, xs):
+        total, kernel_grad = carry
+        hc, tc, wc = xs
+        logits = lm_head(hc, kernel)
+        total = jax.tree.map(jnp.add, total, target_statistics(logits, tc, wc, image_offset))
+        row_weights = (wc * scales[:, None])[..., None]
+        logits_grad = (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(tc, logits.shape[-1])) * row_weights
+        g = logits_grad.astype(h.dtype)
+        h_grad = jnp.einsum("btv,ev->bte", g, compute_kernel, preferred_element_type=jnp.float32)
+        kernel_grad = kernel_grad + jnp.einsum("bte,btv->ev", hc, g, preferred_element_type=jnp.float32)
+        return (total, kernel_grad), h_grad.astype(h.dtype)
+
+    zeros = (_zero_statistics(scales.shape[0]), jnp.zeros(kernel.shape, jnp.float32))
+    (stats, kernel_grad), h_grad = jax.lax.scan(body, zeros, (h, targets, weights))
+    loss = (stats["seq_loss"] * scales).sum()
+    return (loss, stats), (h_grad, kernel_grad.astype(kernel.dtype))
+
+
+def _chunked_head_loss_bwd(image_offset, residuals, cotangents):
+    h_grad, kernel_grad = residuals
+    loss_cotangent = cotangents[0]  # the statistics' cotangents are ignored: they carry no gradient
+    return ((h_grad * loss_cotangent).astype(h_grad.dtype), (kernel_grad * loss_cotangent).astype(kernel_grad.dtype),
+            None, None, None)
+
+
+_chunked_head_loss.defvjp(_chunked_head_loss_fwd, _chunked_head_loss_bwd)
 
 
 STAT_KEYS = ("tokens", "text_correct", "text_tokens", "image_correct", "image_tokens")
@@ -112,10 +159,14 @@ class LMStepConfig:
     loss_chunk: int = 0  # > 0: chunked LM head + cross-entropy (positions per chunk)
 
 
-def model_statistics(model: GPTNeoX, ids: jax.Array, weights: jax.Array, cfg: LMStepConfig) -> dict[str, jax.Array]:
+def model_statistics(model: GPTNeoX, ids: jax.Array, weights: jax.Array, cfg: LMStepConfig,
+                     scales: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The statistics of `token_statistics` and `loss` = Σ_b scales_b · seq_loss_b (scales default 1)."""
     if cfg.loss_chunk and cfg.loss_chunk < ids.shape[1] - 1:
-        return chunked_statistics(model, ids, weights, cfg.image_offset, cfg.loss_chunk)
-    return token_statistics(model(ids), ids, weights, cfg.image_offset)
+        return chunked_statistics(model, ids, weights, cfg.image_offset, cfg.loss_chunk, scales)
+    stats = token_statistics(model(ids), ids, weights, cfg.image_offset)
+    s = jnp.ones_like(stats["seq_loss"]) if scales is None else scales
+    return {"loss": (stats["seq_loss"] * s).sum(), **stats}
 
 
 def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig,
@@ -125,8 +176,9 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
     graphdef, params, rest = nnx.split(state.model, nnx.Param, ...)
 
     def loss_fn(p, ids, weights, s):
-        stats = model_statistics(nnx.merge(graphdef, p, rest), ids, weights, cfg)
-        return (stats.pop("seq_loss") * s).sum(), stats
+        stats = model_statistics(nnx.merge(graphdef, p, rest), ids, weights, cfg, s)
+        stats.pop("seq_loss")
+        return stats.pop("loss"), stats
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.micro_batches == 1:
@@ -150,6 +202,7 @@ def train_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConf
 def eval_step(state: LMTrainState, batch: dict[str, jax.Array], cfg: LMStepConfig) -> dict[str, jax.Array]:
     """Sums over the batch (so evaluation over many batches is a plain sum); rows with zero weight count nothing."""
     stats = model_statistics(state.model, batch["input_ids"], batch["loss_weights"], cfg)
+    stats.pop("loss")
     return {"loss_sum": stats.pop("seq_loss").sum(), **stats}
 
 

@@ -30,14 +30,17 @@ def test_chunked_statistics_and_gradients_equal_the_full_ones():
     ids, weights = _batch(3, 37, CFG.vocab_size)  # 36 targets: not a multiple of the chunk
     graphdef, params = nnx.split(model)
 
+    scales = jnp.asarray([0.5, 2.0, 1.25])  # per-sequence loss factors, as sequence_scales gives
+
     def stats(p, chunk):
         cfg = lm_task.LMStepConfig(image_offset=100, loss_chunk=chunk)
-        return lm_task.model_statistics(nnx.merge(graphdef, p), ids, weights, cfg)
+        return lm_task.model_statistics(nnx.merge(graphdef, p), ids, weights, cfg, scales)
 
     full, chunked = stats(params, 0), stats(params, 8)
     for key in full:
         np.testing.assert_allclose(np.asarray(chunked[key]), np.asarray(full[key]), rtol=1e-5, atol=1e-5, err_msg=key)
-    grad = lambda chunk: jax.grad(lambda p: stats(p, chunk)["seq_loss"].sum())(params)  # noqa: E731
+    # the fused linear cross-entropy's gradients (formed in its forward pass) against autodiff of the full logits
+    grad = lambda chunk: jax.grad(lambda p: 3.0 * stats(p, chunk)["loss"])(params)  # noqa: E731
     for a, b in zip(jax.tree.leaves(grad(0)), jax.tree.leaves(grad(8))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
@@ -67,6 +70,14 @@ def test_compiled_step_never_holds_full_vocabulary_logits_when_chunked():
     B, T, V = 4, 64, 4096
     assert _full_logit_buffers(_compiled_step_text(0, V, B, T), B, T, V)  # the check sees them when they exist
     assert not _full_logit_buffers(_compiled_step_text(16, V, B, T), B, T, V)
+
+
+def test_the_chunked_lm_head_is_not_recomputed_in_the_backward_pass():
+    """The fused linear cross-entropy forms the head's gradients in its forward scan: the compiled step runs the
+    head's forward matmul once per chunk, none of it under remat (checkpointing each chunk ran it twice)."""
+    text = _compiled_step_text(16, 4096, 4, 64)
+    assert re.search(r"op_name=\"[^\"]*bte,ev->btv", text)  # the head's forward matmul is there
+    assert not re.search(r"op_name=\"[^\"]*rematted_computation[^\"]*bte,ev->btv", text)
 
 
 def _dot_sources(text: str) -> list[tuple[str, str]]:
