@@ -231,7 +231,7 @@ def read_results(path: str | Path) -> list[dict]:
     """The records of a results file (ours, JSONL; or the original's `.pickle` list, read without running code),
     each with exactly the original's fields in its order."""
     if Path(path).suffix == ".pickle":
-        records = load_plain_pickle(path, "a list of result records")
+        records = load_plain_pickle(path, "a list of result records", allow_none=True)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise EvalInputError(f"{path}: expected a list of result dicts")
     else:

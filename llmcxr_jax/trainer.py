@@ -110,7 +110,8 @@ class NonFiniteLossError(RuntimeError):
 
 class _Preemption:
     """Turns SIGTERM, and a first Ctrl-C, into a stop the loop checks between steps (then a final checkpoint and
-    a clean exit); a second Ctrl-C interrupts at once, as usual.
+    a clean exit); a Ctrl-C while such a stop is pending raises KeyboardInterrupt (no checkpoint of that step;
+    a save already in flight is still waited for).
 
     Every step and the final save are collective, so all processes must stop at the same step, yet each sees only
     its own signal. With several processes `stop_now` therefore ORs the flags on the devices and returns the vote
@@ -142,7 +143,7 @@ class _Preemption:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            if self.requested == "Ctrl-C":  # the second: stop waiting for the step and the checkpoint
+            if self.requested is not None:  # a stop is on its way (Ctrl-C or SIGTERM): abort without its checkpoint
                 raise KeyboardInterrupt
             print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to abort without one)",
                   flush=True)

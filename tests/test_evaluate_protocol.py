@@ -371,16 +371,17 @@ def test_cli_decode_writes_the_originals_jpegs_and_reports_file(tmp_path, capsys
     config = PRESETS["tiny"]
     vqgan_flax.checkpoint.write(tmp_path / "vq", config, vqgan_flax.checkpoint.random_params(config, 0))
     rng = np.random.default_rng(0)
-    codes = {f"d{n}": rng.integers(0, config.num_codes, config.grid).tolist() for n in range(3)}
+    codes = {f"d{n}": rng.integers(0, config.num_codes, config.grid).tolist() for n in range(4)}
     records = [{"dicom_id": i, "subject_id": "1", "raw_report": f"Reference {i}.", "raw_image": [1, 2],
                 "gen_report": f"Generated {i}.", "gen_image": [c for row in codes[i] for c in row]} for i in codes]
     records[1]["gen_report"] = None  # the original drops a record holding any None
+    records[3]["gen_image"] = None  # in a pickle too (a report->CXR row that gave no image)
     (tmp_path / "r0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     evaluate.write_results_pickle(records[2:], tmp_path / "r1.pickle")  # the original's format reads too
     evaluate.main(["decode", "--results", str(tmp_path / "r0.jsonl"), str(tmp_path / "r1.pickle"), "--vqgan",
                    str(tmp_path / "vq"), "--out", str(tmp_path / "out")])
     printed = json.loads(capsys.readouterr().out)
-    assert (printed["records"], printed["dropped_with_none"], printed["decoded"]) == (3, 1, 2)
+    assert (printed["records"], printed["dropped_with_none"], printed["decoded"]) == (4, 2, 2)
     assert sorted(p.name for p in (tmp_path / "out" / "generated_imgs_jpg").iterdir()) == ["d0.jpg", "d2.jpg"]
     assert (tmp_path / "out" / "generated_reports").read_text() == \
         "d0\nReference d0.\nGenerated d0.\n\nd2\nReference d2.\nGenerated d2.\n\n"

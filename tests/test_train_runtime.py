@@ -392,3 +392,13 @@ def test_reading_a_workdir_prints_no_orbax_warnings(tmp_path, caplog):
         assert reader.read_meta(reader.latest_step()) == {"x": 1}
         reader.close()
     assert not [r for r in caplog.records if "read only" in r.getMessage() or "read_only" in r.getMessage()]
+
+
+def test_ctrl_c_while_a_stop_is_pending_aborts():
+    """The first Ctrl-C or a SIGTERM asks for a checkpointed stop; a Ctrl-C after either aborts without it."""
+    for first in (signal.SIGTERM, signal.SIGINT):
+        with trainer._Preemption(mesh_of((1, 1, 1))) as preemption:
+            signal.raise_signal(first)
+            assert preemption.stop_now()
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)

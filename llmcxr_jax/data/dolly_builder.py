@@ -77,8 +77,9 @@ def heldout_indices(n: int, size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) 
 class Dolly15k(LocalFilesBuilder):
     """databricks-dolly-15k instruction records."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Records of >= 2048 tokens dropped before the held-out draw, as the original."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:

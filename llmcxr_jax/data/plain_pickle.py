@@ -22,8 +22,8 @@ _LEAVES = frozenset((str, int))
 _CONTAINERS = frozenset((dict, list))
 
 
-def _first_foreign(obj: Any) -> type | None:
-    """The type of the first value that is not dict/list/str/int (bool counts as foreign), or None.
+def _first_foreign(obj: Any, leaves: frozenset[type] = _LEAVES) -> type | None:
+    """The type of the first value that is not dict/list or one of `leaves` (bool counts as foreign), or None.
 
     Type sets are taken with `map(type, ...)`, which runs in C: a codes pickle holds ~10^8 ints.
     """
@@ -31,13 +31,13 @@ def _first_foreign(obj: Any) -> type | None:
     while stack:
         item = stack.pop()
         if type(item) not in _CONTAINERS:
-            if type(item) not in _LEAVES:
+            if type(item) not in leaves:
                 return type(item)
             continue
         parts = (item.keys(), item.values()) if type(item) is dict else (item,)
         for part in parts:
             kinds = set(map(type, part))
-            foreign = kinds - _LEAVES - _CONTAINERS
+            foreign = kinds - leaves - _CONTAINERS
             if foreign:
                 return next(iter(foreign))
             if kinds & _CONTAINERS:
@@ -45,8 +45,9 @@ def _first_foreign(obj: Any) -> type | None:
     return None
 
 
-def load_plain_pickle(path: str | Path, what: str) -> dict | list:
-    """The dict or list in `path`; `what` says what the file should hold, for the error message."""
+def load_plain_pickle(path: str | Path, what: str, allow_none: bool = False) -> dict | list:
+    """The dict or list in `path`; `what` says what the file should hold, for the error message. `allow_none`
+    also admits None values (results files mark what was not generated with them)."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -56,7 +57,7 @@ def load_plain_pickle(path: str | Path, what: str) -> dict | list:
     except UnsafePickleError as err:
         raise PlainPickleError(f"{err}. Convert it to plain Python {PLAIN} in an environment you trust "
                                "(see llmcxr_jax/data/mimic_files.py, CONVERT_SELECTION).") from err
-    foreign = _first_foreign(obj)
+    foreign = _first_foreign(obj, _LEAVES | {type(None)} if allow_none else _LEAVES)
     if type(obj) not in (dict, list) or foreign is not None:
         found = type(obj).__name__ if type(obj) not in (dict, list) else foreign.__name__
         raise PlainPickleError(f"{path}: holds a {found}; expected {what} built only from {PLAIN}")
