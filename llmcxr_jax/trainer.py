@@ -291,8 +291,9 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
                 state = abstract
                 nnx.replace_by_pure_dict(state, pure)
                 train_iter.set_state(data_state)
-                announce(f"{workdir}: nothing to train, step {start} of {loop.total_steps} is done"
-                     if start >= loop.total_steps else f"{workdir}: resuming at step {start} of {loop.total_steps}")
+                done = start >= loop.total_steps
+                announce(f"{workdir}: nothing to train, step {start} of {loop.total_steps} is done" if done
+                         else f"{workdir}: resuming at step {start} of {loop.total_steps}")
             elif task.initial_state is not None:
                 start, state = 0, task.initial_state(shardings)
             else:
