@@ -122,7 +122,7 @@ def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset):
     def body(carry, xs):
         total, kernel_grad = carry
         hc, tc, wc = xs
-        logits = lm_head(hc, kernel)
+        logits = lm_head(hc, compute_kernel)  # one cast (and, sharded, one gather) for every chunk
         total = jax.tree.map(jnp.add, total, target_statistics(logits, tc, wc, image_offset))
         row_weights = (wc * scales[:, None])[..., None]
         logits_grad = (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(tc, logits.shape[-1])) * row_weights

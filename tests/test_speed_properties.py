@@ -46,11 +46,11 @@ def test_chunked_statistics_and_gradients_equal_the_full_ones():
 
 
 def _compiled_step_text(chunk: int, vocab: int, B: int, T: int, dtype: str = "float32", compile: bool = True,
-                        debug_info: bool = False) -> str:
+                        debug_info: bool = False, mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> str:
     config = load_config("stage1")
     config.model.update(vocab_size=vocab, dtype=dtype)
     config.train.update(loss_chunk=chunk, global_batch_size=B)
-    mesh = mesh_of((1, 1, 1))
+    mesh = mesh_of(mesh_shape)
     task = tiny_task(config, mesh, 1)
     graphdef, abstract, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
     batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
@@ -78,6 +78,15 @@ def test_the_chunked_lm_head_is_not_recomputed_in_the_backward_pass():
     text = _compiled_step_text(16, 4096, 4, 64)
     assert re.search(r"op_name=\"[^\"]*bte,ev->btv", text)  # the head's forward matmul is there
     assert not re.search(r"op_name=\"[^\"]*rematted_computation[^\"]*bte,ev->btv", text)
+
+
+def test_the_fsdp_sharded_lm_head_kernel_is_gathered_once_per_step():
+    """On 8 fsdp devices the head's kernel is all-gathered once (cast to bf16 once, shared by every chunk's
+    matmuls), not once for the logits and again for the gradient matmuls."""
+    V = 4096
+    text = _compiled_step_text(16, V, 8, 64, dtype="bfloat16", mesh_shape=(1, 8, 1))
+    gathers = [line for line in text.splitlines() if re.search(rf"= \w+\[\d+,{V}\]\S* all-gather\(", line)]
+    assert len(gathers) == 1, gathers
 
 
 def _dot_sources(text: str) -> list[tuple[str, str]]:
