@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# .venv holds CPU jax plus libtpu (for ahead-of-time TPU compiles); on a TPU VM run with JAX_PLATFORMS=tpu.
+# .venv holds CPU jax plus libtpu and the CUDA plugin (ahead-of-time TPU and H100 compiles, no CUDA libraries);
+# on a TPU VM run with JAX_PLATFORMS=tpu.
 export JAX_PLATFORMS ?= cpu
 
 .PHONY: test demo install clean-venv
@@ -15,7 +16,7 @@ $(STAMP): setup.cfg constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[data,convert,test,tpu]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[data,convert,test,tpu,gpu-aot]'
 	# Reference modules for VQ-GAN parity; its declared dependencies would replace the pinned torch.
 	$(PY) -m pip install -q --no-deps taming-transformers==0.0.1
 	touch $(STAMP)

@@ -149,7 +149,7 @@ class GPTNeoXConfig:
 class KVCache(NamedTuple):
     """Per-layer keys and values for decoding; all sequences of a batch write the same slot (left padding)."""
 
-    k: jax.Array  # (layers, batch, max_length, heads, head_dim)
+    k: jax.Array  # (layers, batch, heads, max_length, head_dim): per head, positions × channels, as the dots read it
     v: jax.Array
     valid: jax.Array  # (batch, max_length) bool: slot holds a real token
     next_position: jax.Array  # (batch,) int32: rotary position of each sequence's next token
@@ -269,6 +269,15 @@ def _attention(q, k, v, mask, impl):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
+def _matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(rows, k) @ (k, m). A lone row (a batch-1 decoding step) is padded to two: XLA:GPU rewrites a one-row
+    product with a kernel under 10M elements as a multiply of the whole kernel followed by a separate column
+    reduce, several times a matmul's memory traffic (NOTES.md, deviceless H100 compile)."""
+    if rows.shape[0] != 1:
+        return rows @ kernel
+    return (jnp.pad(rows, ((0, 1), (0, 0))) @ kernel)[:1]
+
+
 def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
     """One GPT-NeoX layer. `kv` is None (no cache) or (k_all, v_all, layer, write_index) of the whole cache.
 
@@ -277,18 +286,21 @@ def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
     """
     dt = resolve_dtype(cfg.dtype)
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.layer_norm_eps)
-    qkv = jnp.einsum("bte,enkd->btnkd", h, p["qkv_kernel"].astype(dt)) + p["qkv_bias"].astype(dt)
+    qkv_kernel = p["qkv_kernel"].reshape(h.shape[-1], -1).astype(dt)
+    qkv = _matmul(h.reshape(-1, h.shape[-1]), qkv_kernel) + p["qkv_bias"].reshape(-1).astype(dt)
+    qkv = qkv.reshape(*h.shape[:-1], *p["qkv_kernel"].shape[1:])
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if kv is not None:
         k_all, v_all, layer, index = kv
-        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (layer, 0, index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (layer, 0, index, 0, 0))
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-        kv = (k_all, v_all)
+        kv = tuple(jax.lax.dynamic_update_slice(all_, jnp.swapaxes(new, 1, 2).astype(all_.dtype)[None],
+                                                (layer, 0, 0, index, 0)) for all_, new in ((k_all, k), (v_all, v)))
+        # Views in the attention's (batch, length, heads, head_dim) order; XLA folds the swap into its dots.
+        k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(all_, layer, 0, keepdims=False), 1, 2).astype(dt)
+                for all_ in kv)
     attn = _attention(q, k, v, mask, cfg.attention_impl)
-    attn = jnp.einsum("btnd,nde->bte", attn, p["out_kernel"].astype(dt)) + p["out_bias"].astype(dt)
+    out_kernel = p["out_kernel"].reshape(-1, x.shape[-1]).astype(dt)
+    attn = (_matmul(attn.reshape(-1, out_kernel.shape[0]), out_kernel) + p["out_bias"].astype(dt)).reshape(x.shape)
     if cfg.use_parallel_residual:
         m_in = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
     else:
@@ -297,10 +309,8 @@ def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
     # The MLP runs on (batch·length, embed) rows: XLA:CPU's backward of a 3-D dot fused with GELU was several
     # times slower than the 2-D form (NOTES.md, demo step); the reshapes are free bitcasts.
     rows = m_in.reshape(-1, m_in.shape[-1])
-    m = jnp.einsum("ne,em->nm", rows, p["up_kernel"].astype(dt)) + p["up_bias"].astype(dt)
-    m = jax.nn.gelu(m, approximate=False)
-    m = jnp.einsum("nm,me->ne", m, p["down_kernel"].astype(dt)) + p["down_bias"].astype(dt)
-    m = m.reshape(x.shape)
+    m = jax.nn.gelu(_matmul(rows, p["up_kernel"].astype(dt)) + p["up_bias"].astype(dt), approximate=False)
+    m = (_matmul(m, p["down_kernel"].astype(dt)) + p["down_bias"].astype(dt)).reshape(x.shape)
     out = x + attn + m if cfg.use_parallel_residual else x + m
     return parallel.constrain(out, ("batch", "length", "embed")), kv
 
@@ -376,7 +386,7 @@ class GPTNeoX(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache in the compute dtype for `max_length` positions per row."""
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_attention_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_attention_heads, max_length, cfg.head_dim)
         dt = resolve_dtype(cfg.dtype)
         return KVCache(
             k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch_size, max_length), bool),
@@ -395,7 +405,7 @@ class GPTNeoX(nnx.Module):
         positions = cache.next_position[:, None] + jnp.cumsum(token_valid, axis=1) - 1
         positions = jnp.where(token_valid, positions, 1)
         valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
-        S = cache.k.shape[2]
+        S = cache.valid.shape[1]
         slots = jnp.arange(S)
         query_slots = cache.index + jnp.arange(T)
         mask = (slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]

@@ -200,7 +200,7 @@ def _select(logits: jax.Array, keys: jax.Array, spec: DecodeSpec) -> jax.Array:
 
 def _constrain_cache(cache: KVCache) -> KVCache:
     """Shard the cache over the batch like the activations (a no-op without a mesh)."""
-    kv_axes = ("layers", "batch", "length", "heads", "head_dim")
+    kv_axes = ("layers", "batch", "heads", "length", "head_dim")
     return cache._replace(k=parallel.constrain(cache.k, kv_axes), v=parallel.constrain(cache.v, kv_axes),
                           valid=parallel.constrain(cache.valid, ("batch", "length")))
 

@@ -1,0 +1,55 @@
+"""The decoding step as XLA:GPU compiles it for an H100, on this CPU machine (deviceless compilation through
+the CUDA plugin, bench/gpu_compile.py): each weight matmul is a GEMM kernel at batch 1 too, and attention reads
+the KV cache in place, its softmax and value product one kernel."""
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+import jax
+import pytest
+
+from llmcxr_jax.model import GPTNeoXConfig
+from train_helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_compile  # noqa: E402  bench/gpu_compile.py
+
+# pythia-70m's widths with 2 layers: every weight matrix is under XLA:GPU's 10M-element threshold, below which
+# a one-row product used to become a multiply of the whole kernel plus a reduce.
+CONFIG = GPTNeoXConfig(vocab_size=51305, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                       intermediate_size=2048, dtype="bfloat16", param_dtype="bfloat16")
+CACHE = 96
+
+
+def _dims(kernel: str) -> list[int]:
+    return [int(d) for d in re.search(r"\[([\d,]*)\]", kernel).group(1).split(",") if d]
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["batch1", "batch4"])
+def decode_kernels(request):
+    # The suite's "highest" matmul precision (for the parity tests) keeps bf16 dots out of XLA's GEMM kernels.
+    with jax.default_matmul_precision("default"):
+        return request.param, gpu_compile.kernels(gpu_compile.decode_step_hlo(CONFIG, request.param, CACHE))
+
+
+def test_every_weight_matmul_is_a_gemm_kernel(decode_kernels):
+    _, kernels = decode_kernels
+    gemms = sum(n for k, n in kernels.items() if k.startswith("gemm_fusion"))
+    assert gemms >= 4 * CONFIG.num_hidden_layers + 1, kernels  # qkv, out, up, down per layer, then the LM head
+    smallest_kernel = CONFIG.hidden_size * CONFIG.hidden_size
+    weight_sized = {k: n for k, n in kernels.items() if not k.startswith("gemm_fusion") and "update_slice" not in k
+                    and math.prod(_dims(k)) >= smallest_kernel}
+    assert not weight_sized, f"a weight-sized intermediate outside a GEMM (a strength-reduced matmul): {weight_sized}"
+
+
+def test_attention_reads_the_cache_in_place(decode_kernels):
+    batch, kernels = decode_kernels
+    over_cache = {k: n for k, n in kernels.items() if {CACHE, CONFIG.head_dim} <= set(_dims(k))}
+    # Only the two cache writes per layer produce outputs over positions and channels: no copy or transpose
+    # of the cache, no materialised probabilities x values product.
+    assert set(over_cache) == {f"loop_dynamic_update_slice_fusion bf16[{CONFIG.num_hidden_layers},{batch},"
+                          f"{CONFIG.num_attention_heads},{CACHE},{CONFIG.head_dim}]"}, over_cache
+    assert sum(over_cache.values()) == 2 * CONFIG.num_hidden_layers
+    assert not any(k.startswith(("copy", "transpose")) for k in kernels), kernels
