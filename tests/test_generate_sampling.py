@@ -14,7 +14,7 @@ from llmcxr_jax import parallel
 from llmcxr_jax.convert import load_hf_model
 from llmcxr_jax.generate import Sampler
 from llmcxr_jax.model import LayerStack
-from llmcxr_jax.sampling import DecodeSpec, SamplingParams, select_tokens, warp_logits
+from llmcxr_jax.sampling import DecodeSpec, SamplingParams, select_tokens, top_k, warp_logits
 from test_generate_common import hf_dir, small_tokenizer
 
 
@@ -53,6 +53,20 @@ def test_warp_cases_cover_both_top_p_paths():
     flat = np.isfinite(hf_warp(rng.standard_normal((8, 3000)) * 0.5, 1.0, 0, 0.92)).sum(-1)
     peaked = np.isfinite(hf_warp(rng.standard_normal((8, 3000)) * 6.0, 1.0, 0, 0.92)).sum(-1)
     assert flat.min() > 16 and peaked.max() <= 16
+
+
+@pytest.mark.parametrize("k", [1, 16, 41, 200, 500])
+def test_blockwise_top_k_equals_lax_top_k(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((4, 51305)).astype(np.float32)
+    x[2, rng.permutation(51305)[:51300]] = -np.inf  # 5 entries above -inf: fewer than k for most k
+    x[3, :-3] = -np.inf  # 3 above -inf, in the last (padded) block: -inf ties reach its padding
+    values, ids = top_k(jnp.asarray(x), k)
+    expected_values, expected_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(values, expected_values)
+    finite = np.isfinite(np.asarray(expected_values))
+    np.testing.assert_array_equal(np.asarray(ids)[finite], np.asarray(expected_ids)[finite])
+    assert 0 <= int(ids.min()) and int(ids.max()) < 51305
 
 
 @pytest.mark.parametrize("candidates", [4, 40], ids=["over_vocabulary", "among_candidates"])

@@ -1,6 +1,6 @@
 """The decoding step as XLA:GPU compiles it for an H100, on this CPU machine (deviceless compilation through
-the CUDA plugin, bench/gpu_compile.py): each weight matmul is a GEMM kernel at batch 1 too, and attention reads
-the KV cache in place, its softmax and value product one kernel."""
+the CUDA plugin, bench/gpu_compile.py): each weight matmul is a GEMM kernel at batch 1 too, attention reads
+the KV cache in place, its softmax and value product one kernel, and no top-k kernel reads the vocabulary."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,10 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
+from llmcxr_jax import sampling
 from llmcxr_jax.model import GPTNeoXConfig
 from train_helpers import ROOT
 
@@ -53,3 +55,22 @@ def test_attention_reads_the_cache_in_place(decode_kernels):
                           f"{CONFIG.num_attention_heads},{CACHE},{CONFIG.head_dim}]"}, over_cache
     assert sum(over_cache.values()) == 2 * CONFIG.num_hidden_layers
     assert not any(k.startswith(("copy", "transpose")) for k in kernels), kernels
+
+
+def test_sampling_never_runs_a_top_k_kernel_over_the_vocabulary():
+    """XLA:GPU's top-k kernel runs a row in one thread block (0.18 ms a call over 51,305 logits on the H200):
+    the candidates come from two top-k's over block maxima and the best blocks instead."""
+    device = jax.sharding.SingleDeviceSharding(gpu_compile.h100())
+    logits = jax.ShapeDtypeStruct((1, CONFIG.vocab_size), jnp.float32, sharding=device)
+    seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=device)
+
+    def draw(logits, seed):
+        return sampling.select_tokens(logits, sampling.row_keys(seed, jnp.arange(1)), sampling.SamplingParams())
+
+    with jax.default_matmul_precision("default"):
+        hlo = jax.jit(draw).lower(logits, seed).compile().as_text()
+    shapes = dict(re.findall(r"%(\S+) = (\w+\[[\d,]*\])", hlo))
+    top_k_inputs = [shapes[arg] for arg in re.findall(r'custom-call\(%([^),]+)\).*custom_call_target="__gpu\$TopK"',
+                                                      hlo)]
+    assert top_k_inputs, "no top-k kernel: the test no longer looks at the candidates' selection"
+    assert all(math.prod(_dims(shape)) <= 16 * 128 for shape in top_k_inputs), top_k_inputs
