@@ -1,9 +1,9 @@
 """XLA:GPU's compiled decoding step for an H100, on a machine without one, and the kernels it launches.
 
-Deviceless ahead-of-time compilation through the CUDA PJRT plugin (`jax-cuda13-plugin` without its CUDA
-libraries: the Makefile's `gpu_aot` extra) for the device in h100_target_config.txtpb. Fusion, layout and
-kernel choices are XLA's own for sm_90; with no device there is no autotuning, so tile sizes and split-k
-come from its heuristics. This is how the KV-cache layout and the batch-1 matmuls were chosen (NOTES.md).
+Deviceless ahead-of-time compilation (`llmcxr_jax.aot`: the CUDA PJRT plugin without CUDA libraries, the
+`gpu-aot` extra). Fusion, layout and kernel choices are XLA's own for sm_90; with no device there is no
+autotuning, so tile sizes and split-k come from its heuristics. This is how the KV-cache layout, the batch-1
+matmuls and the blockwise top-k were chosen (NOTES.md).
 
     JAX_PLATFORMS=cpu PYTHONPATH=. python bench/gpu_compile.py --shape 2.8b --batch 1
 """
@@ -17,22 +17,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.experimental import topologies
 
+from llmcxr_jax import aot
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, unstack_layers
 from shapes import LLMCXR_VOCAB, SHAPES  # noqa: E402  bench/shapes.py
 
-TARGET_CONFIG = Path(__file__).with_name("h100_target_config.txtpb")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _LAUNCH = re.compile(r"%([a-z_]+?)(?:\.\d+)? = (\w+\[[\d,]*\])\{[\d,]*\} (?:fusion|custom-call|copy|transpose)\(")
 _CALLS = re.compile(r"kind=k\w+, calls=%([\w.-]+)")
-
-
-def h100() -> jax.Device:
-    """A compile-only H100 (no GPU, no CUDA libraries needed)."""
-    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGET_CONFIG.read_text(),
-                                            topology="1x1x1")
-    return topology.devices[0]
 
 
 def kernels(hlo_text: str) -> Counter[str]:
@@ -63,7 +55,7 @@ def kernels(hlo_text: str) -> Counter[str]:
 def decode_step_hlo(config: GPTNeoXConfig, batch: int, cache_length: int) -> str:
     """The optimized HLO of one cached decoding step (`GPTNeoX.extend` of one token per row, per-layer weight
     buffers as `Sampler` decodes), compiled for an H100."""
-    device = jax.sharding.SingleDeviceSharding(h100())
+    device = jax.sharding.SingleDeviceSharding(aot.topology_devices("h100:1")[0])
     model = nnx.eval_shape(lambda: unstack_layers(GPTNeoX(config, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
 
@@ -93,7 +85,7 @@ def main() -> None:
         args.hlo_out.write_text(hlo)
     counts = kernels(hlo)
     print(f"decoding step, {args.shape} bf16, batch {args.batch}, cache {args.cache_length}, XLA:GPU for "
-          f"{TARGET_CONFIG.stem}: {sum(counts.values())} kernels")
+          f"{aot.H100_TARGET_CONFIG.name}: {sum(counts.values())} kernels")
     for kernel, n in counts.most_common():
         print(f"{n:6d}  {kernel}")
 

@@ -1,8 +1,8 @@
 """Train LLM-CXR: `python -m llmcxr_jax.train --config configs/stage1.py --workdir DIR [--config.key=value ...]`.
 
-`--dry_run` builds the state abstractly, compiles one step for the current mesh (or, with `--topology
-v5p:2x2x2`, for a TPU pod that is not there, through libtpu; the global batch must divide over its chips) and
-prints per-device memory, without training.
+`--dry_run` builds the state abstractly, compiles one step for the current mesh (or, with `--topology h100:8`
+or `v5p:2x2x2`, for GPUs or a TPU pod that are not there; the global batch must divide over them) and prints
+per-device memory, without training.
 A restarted run resumes from the latest checkpoint in `--workdir` by itself.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmcxr_jax import checkpoint, lm_task, parallel, trainer
+from llmcxr_jax import aot, checkpoint, lm_task, parallel, trainer
 
 if TYPE_CHECKING:
     from llmcxr_jax.tokenizer import LlmCxrTokenizer
@@ -32,7 +31,8 @@ config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and logs go here")
 flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memory; no training")
-flags.DEFINE_string("topology", "", "with --dry_run: compile for a TPU topology such as v5p:2x2x2 (needs libtpu)")
+flags.DEFINE_string("topology", "", "with --dry_run: compile for devices that are not there: H100s (h100:8, "
+                    "h100:2x8; the gpu-aot extra) or a TPU topology such as v5p:2x2x2 (libtpu)")
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -238,23 +238,16 @@ def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], A
 
 
 def topology_mesh(topology: str, shape: tuple[int, ...]) -> jax.sharding.Mesh:
-    """Devices of a TPU topology that need not exist (ahead-of-time compilation through libtpu)."""
-    from jax.experimental import topologies
-
-    # Compiling for absent chips needs no exclusive hold on a local TPU, and there are no TPU workers to find.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    try:
-        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    except Exception as e:
-        raise RuntimeError(f"--topology {topology}: cannot describe this TPU topology ({e}); install the `tpu` "
-                           "extra (libtpu) and use a name such as v5p:2x2x2") from e
-    return parallel.make_mesh(shape, devices=devices)
+    """A mesh of devices that need not exist (`aot.topology_devices`: H100s or a TPU topology)."""
+    return parallel.make_mesh(shape, devices=aot.topology_devices(topology))
 
 
 def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> Any:
     parallel.initialize(config.distributed)
     parallel.enable_compilation_cache()
+    if aot.is_gpu_topology(topology) and config.model.attention_impl == "cudnn":
+        raise ValueError(f"--topology {topology}: cuDNN attention cannot be compiled without a GPU; dry-run with "
+                         "--config.model.attention_impl=auto (XLA's attention, an upper bound on memory)")
     mesh = topology_mesh(topology, config.mesh.shape) if topology else parallel.make_mesh(config.mesh.shape)
     rules = parallel.DEFAULT_RULES
     check_config(config, mesh)
@@ -271,7 +264,11 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
-        return dry_run(task, lm_batch_shapes(config), what, mesh, rules)
+        report = dry_run(task, lm_batch_shapes(config), what, mesh, rules)
+        if aot.is_gpu_topology(topology):
+            print("  note: attention compiled as XLA's (cuDNN's kernel needs a GPU to compile), which holds each "
+                  "layer's scores: temporaries are an upper bound for a GPU run with attention_impl=auto")
+        return report
     if config.data.source != "synthetic" and jax.process_index() == 0:
         load_tokenizer(config).save(checkpoint.local_path(workdir, "--workdir"))  # the sampler reads it from there
     loop = trainer.loop_config(config.train, steps, epoch_steps=steps_per_epoch or 0)

@@ -62,7 +62,7 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
     process but 0, which alone writes the export).
 
     `mesh` defaults to `config.mesh.shape` over all devices. `dry`: compile one step and report memory only, for
-    the TPU `topology` when one is named (ahead of time, no TPU needed).
+    the `topology` when one is named (H100s or a TPU pod, ahead of time: none needed here).
     """
     parallel.initialize(config.distributed)
     parallel.enable_compilation_cache()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from llmcxr_jax import sampling
+from llmcxr_jax import aot, sampling
 from llmcxr_jax.model import GPTNeoXConfig
 from train_helpers import ROOT
 
@@ -60,7 +60,7 @@ def test_attention_reads_the_cache_in_place(decode_kernels):
 def test_sampling_never_runs_a_top_k_kernel_over_the_vocabulary():
     """XLA:GPU's top-k kernel runs a row in one thread block (0.18 ms a call over 51,305 logits on the H200):
     the candidates come from two top-k's over block maxima and the best blocks instead."""
-    device = jax.sharding.SingleDeviceSharding(gpu_compile.h100())
+    device = jax.sharding.SingleDeviceSharding(aot.topology_devices("h100:1")[0])
     logits = jax.ShapeDtypeStruct((1, CONFIG.vocab_size), jnp.float32, sharding=device)
     seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=device)
 

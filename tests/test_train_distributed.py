@@ -114,6 +114,23 @@ def test_full_model_compiles_ahead_of_time_for_tpu_pods(topology):
     assert f"compiled for {chips} tpu devices" in out
 
 
+@pytest.mark.parametrize("topology,gpus", [("h100:8", 8), ("h100:2x8", 16)])
+def test_full_model_compiles_ahead_of_time_for_h100s(topology, gpus):
+    out = _dry_run(["--topology", topology, f"--config.train.global_batch_size={gpus * 2}"], devices=1)
+    assert f"compiled for {gpus} gpu devices" in out and "upper bound" in out
+    assert _gib(out, "per device       arguments") <= _gib(out, "parameters \\+ optimizer state") / gpus * 1.05
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--topology", "h100:x"], "GPU topologies are h100:N (one host, N GPUs) or h100:HxN"),
+    (["--topology", "h100:8", "--config.model.attention_impl=cudnn"], "cuDNN attention cannot be compiled"),
+])
+def test_gpu_topology_mistakes_are_one_line_errors(extra, message):
+    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(ROOT / "configs/stage1.py"), "--dry_run", *extra]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 def _join(address: str, processes: int, pid: int, timeout_s: int) -> str:
     """Python source that joins process `pid` to a cluster of `processes` through llmcxr_jax.parallel."""
     return (f"import types; from llmcxr_jax import parallel; parallel.initialize(types.SimpleNamespace("
