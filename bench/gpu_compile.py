@@ -23,12 +23,15 @@ from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, unstack_layers
 from shapes import LLMCXR_VOCAB, SHAPES  # noqa: E402  bench/shapes.py
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_LAUNCH = re.compile(r"%([a-z_]+?)(?:\.\d+)? = (\w+\[[\d,]*\])\{[\d,]*\} (?:fusion|custom-call|copy|transpose)\(")
+_LAUNCH = re.compile(r"%([\w-]+?)(?:\.\d+)? = (\([^()]*\)|\w+\[[\d,]*\]\{[\d,]*\}) "
+                     r"(?:fusion|custom-call|copy|transpose)\(")
+_LAYOUT = re.compile(r"\{[\d,]*\}")
 _CALLS = re.compile(r"kind=k\w+, calls=%([\w.-]+)")
 
 
 def kernels(hlo_text: str) -> Counter[str]:
-    """What the compiled module launches, by 'name output-shape' (e.g. 'loop_multiply_fusion bf16[32,80,2560]'):
+    """What the compiled module launches, by 'name output-shape' (e.g. 'loop_multiply_fusion bf16[32,80,2560]';
+    a tuple output reads '(bf16[2,512], bf16[2,512])'):
     the fusions, custom calls, copies and transposes of its unfused computations (entry and loop bodies), each
     counted once per place it appears (a loop body's ops once, not once per trip)."""
     blocks: dict[str, list[str]] = {}
@@ -48,13 +51,14 @@ def kernels(hlo_text: str) -> Counter[str]:
         for line in lines:
             m = _LAUNCH.search(line)
             if m:
-                counts[f"{m.group(1)} {m.group(2)}"] += 1
+                counts[f"{m.group(1)} {_LAYOUT.sub('', m.group(2))}"] += 1
     return counts
 
 
-def decode_step_hlo(config: GPTNeoXConfig, batch: int, cache_length: int) -> str:
+def decode_step_hlo(config: GPTNeoXConfig, batch: int, cache_length: int,
+                    vocab_range: tuple[int, int] | None = None) -> str:
     """The optimized HLO of one cached decoding step (`GPTNeoX.extend` of one token per row, per-layer weight
-    buffers as `Sampler` decodes), compiled for an H100."""
+    buffers as `Sampler` decodes; logits over `vocab_range` only, as image mode asks), compiled for an H100."""
     device = jax.sharding.SingleDeviceSharding(aot.topology_devices("h100:1")[0])
     model = nnx.eval_shape(lambda: unstack_layers(GPTNeoX(config, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
@@ -67,7 +71,7 @@ def decode_step_hlo(config: GPTNeoXConfig, batch: int, cache_length: int) -> str
     ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=device)
 
     def step(state, ids, cache):
-        return nnx.merge(graphdef, state).extend(ids, cache)
+        return nnx.merge(graphdef, state).extend(ids, cache, vocab_range=vocab_range)
 
     return jax.jit(step, donate_argnums=2).lower(state, ids, cache).compile().as_text()
 
@@ -77,14 +81,17 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="2.8b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cache_length", type=int, default=384, help="prompt + new tokens (bench: 128 + 256)")
+    parser.add_argument("--image", action="store_true", help="logits for the 1,024 image codes only (image mode)")
     parser.add_argument("--hlo_out", type=Path, help="also write the optimized HLO here")
     args = parser.parse_args()
     config = GPTNeoXConfig(vocab_size=LLMCXR_VOCAB, **SHAPES[args.shape], dtype="bfloat16", param_dtype="bfloat16")
-    hlo = decode_step_hlo(config, args.batch, args.cache_length)
+    image_codes = (LLMCXR_VOCAB - 1024, LLMCXR_VOCAB)  # the vocabulary's last 1,024 ids
+    hlo = decode_step_hlo(config, args.batch, args.cache_length, image_codes if args.image else None)
     if args.hlo_out:
         args.hlo_out.write_text(hlo)
     counts = kernels(hlo)
-    print(f"decoding step, {args.shape} bf16, batch {args.batch}, cache {args.cache_length}, XLA:GPU for "
+    print(f"decoding step, {args.shape} bf16, batch {args.batch}, cache {args.cache_length}"
+          f"{', image codes only' if args.image else ''}, XLA:GPU for "
           f"{aot.H100_TARGET_CONFIG.name}: {sum(counts.values())} kernels")
     for kernel, n in counts.most_common():
         print(f"{n:6d}  {kernel}")

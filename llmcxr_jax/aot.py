@@ -14,11 +14,11 @@ from pathlib import Path
 import jax
 
 H100_TARGET_CONFIG = Path(__file__).resolve().parent / "assets" / "h100_target_config.txtpb"
-_GPU = re.compile(r"h100:(?:(\d+)x)?(\d+)")
+_GPU = re.compile(r"h100:(?:([1-9]\d*)x)?([1-9]\d*)")
 
 
 def is_gpu_topology(topology: str) -> bool:
-    return topology.startswith("h100")
+    return topology.lower().startswith("h100")
 
 
 def topology_devices(topology: str) -> list[jax.Device]:
@@ -26,7 +26,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
     from jax.experimental import topologies
 
     if is_gpu_topology(topology):
-        match = _GPU.fullmatch(topology)
+        match = _GPU.fullmatch(topology.lower())
         if not match:
             raise ValueError(f"--topology {topology}: GPU topologies are h100:N (one host, N GPUs) or h100:HxN "
                              "(H hosts of N GPUs)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -269,13 +270,19 @@ def _attention(q, k, v, mask, impl):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
+def _one_row_padded(x: jax.Array) -> jax.Array:
+    """`x` (rows, ..., features) with a zero second row when it holds a single row; callers slice products back.
+
+    XLA:GPU rewrites a one-row product whose operands total under 10M elements (a batch-1 decoding step's
+    projections, image mode's 1,024-column LM head) as a multiply of the whole kernel followed by a separate
+    column reduce, several times a matmul's memory traffic (NOTES.md, deviceless H100 compile).
+    """
+    return jnp.pad(x, [(0, 1)] + [(0, 0)] * (x.ndim - 1)) if math.prod(x.shape[:-1]) == 1 else x
+
+
 def _matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
-    """(rows, k) @ (k, m). A lone row (a batch-1 decoding step) is padded to two: XLA:GPU rewrites a one-row
-    product with a kernel under 10M elements as a multiply of the whole kernel followed by a separate column
-    reduce, several times a matmul's memory traffic (NOTES.md, deviceless H100 compile)."""
-    if rows.shape[0] != 1:
-        return rows @ kernel
-    return (jnp.pad(rows, ((0, 1), (0, 0))) @ kernel)[:1]
+    """(rows, k) @ (k, m), as a GEMM kernel even for one row."""
+    return (_one_row_padded(rows) @ kernel)[:rows.shape[0]]
 
 
 def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
@@ -295,7 +302,7 @@ def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
         k_all, v_all, layer, index = kv
         kv = tuple(jax.lax.dynamic_update_slice(all_, jnp.swapaxes(new, 1, 2).astype(all_.dtype)[None],
                                                 (layer, 0, 0, index, 0)) for all_, new in ((k_all, k), (v_all, v)))
-        # Views in the attention's (batch, length, heads, head_dim) order; XLA folds the swap into its dots.
+        # Views in the attention's (batch, length, heads, head_dim) order; XLA:GPU folds the swap into its dots.
         k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(all_, layer, 0, keepdims=False), 1, 2).astype(dt)
                 for all_ in kv)
     attn = _attention(q, k, v, mask, cfg.attention_impl)
@@ -425,7 +432,8 @@ def lm_head(h: jax.Array, kernel: jax.Array) -> jax.Array:
     do): differentiated as written, the fp32 gradient made XLA run both of them in fp32, about a tenth of
     the 2.8B step's time on an H200 (NOTES.md). The kernel's gradient keeps fp32 accumulation and its dtype.
     """
-    return jnp.einsum("bte,ev->btv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bte,ev->btv", _one_row_padded(h), kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+    return logits[:h.shape[0]]
 
 
 def _lm_head_fwd(h: jax.Array, kernel: jax.Array):

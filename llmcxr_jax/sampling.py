@@ -98,8 +98,8 @@ def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]
     maximum of each `block`-wide slice, the top k of those, then the top k of the k·block entries they hold.
     XLA:GPU's top-k kernel runs a row in one thread block: 0.18 ms per call over 51,305 logits on the H200
     (NOTES.md), where the blockwise form reads the logits once in a parallel reduce. Equal to `lax.top_k` except
-    in which of exactly tied entries it returns (a row with fewer than k entries above -inf gets valid ids of
-    its -inf entries, not necessarily lax.top_k's).
+    in which of exactly tied entries it returns. On a row with fewer than k entries above -inf, the ids of its
+    -inf results are in range but may repeat (the padding's become n - 1): no use for anything but a draw.
     """
     rows, n = x.shape
     blocks = -(-n // block)

@@ -265,7 +265,7 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     if dry:
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
         report = dry_run(task, lm_batch_shapes(config), what, mesh, rules)
-        if aot.is_gpu_topology(topology):
+        if aot.is_gpu_topology(topology) and config.model.attention_impl == "auto":
             print("  note: attention compiled as XLA's (cuDNN's kernel needs a GPU to compile), which holds each "
                   "layer's scores: temporaries are an upper bound for a GPU run with attention_impl=auto")
         return report

@@ -123,6 +123,7 @@ def test_full_model_compiles_ahead_of_time_for_h100s(topology, gpus):
 
 @pytest.mark.parametrize("extra,message", [
     (["--topology", "h100:x"], "GPU topologies are h100:N (one host, N GPUs) or h100:HxN"),
+    (["--topology", "H100:0"], "GPU topologies are h100:N (one host, N GPUs) or h100:HxN"),
     (["--topology", "h100:8", "--config.model.attention_impl=cudnn"], "cuDNN attention cannot be compiled"),
 ])
 def test_gpu_topology_mistakes_are_one_line_errors(extra, message):
