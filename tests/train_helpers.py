@@ -84,12 +84,15 @@ def vqgan_steps(config, n: int) -> tuple[dict, list[dict[str, float]]]:
 
 
 def assert_states_agree(want: dict[str, np.ndarray], got: dict[str, np.ndarray], lr: float, steps: int) -> None:
-    """Two runs that differ only in float summation order: statistics, moments and counters agree to float
-    precision on the scale of their tree; weights to float precision except where Adam amplifies noise.
+    """Two runs that differ only in float summation order: weights agree to float precision except where Adam
+    amplifies noise; statistics, moments and counters to 1e-3 of the scale of their tree.
 
     Adam divides by √ν, so where a gradient is ~0 (or 0 by construction: biases before one-channel GroupNorm
     groups, attention key biases) reduction-order noise can move a weight by up to one lr step per update.
     Elsewhere the weights agree to float precision; at most a few in ten thousand are off by > 1% of a step.
+    Those weights feed the later steps' activations, so running statistics and moments carry the noise too:
+    up to 1.8e-4 of their scale in the 8-vs-1-device VQ-GAN run on an AMD EPYC host (2026-11-29; < 1e-4 on
+    the earlier hosts). A sharding mistake (a gradient not averaged, a statistic of one shard) is O(1).
     """
     assert sorted(got) == sorted(want)
 
@@ -108,7 +111,7 @@ def assert_states_agree(want: dict[str, np.ndarray], got: dict[str, np.ndarray],
         if key.startswith(("['model']", "['discriminator']")) and not statistic:
             weight_diffs.append(np.abs(got[key] - want[key]).ravel())
         else:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4 * scales[group(key)], err_msg=key)
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-3 * scales[group(key)], err_msg=key)
     diffs = np.concatenate(weight_diffs) / lr
     assert diffs.max() <= 2 * steps
     assert np.mean(diffs > 1e-2) < 1e-3, np.mean(diffs > 1e-2)  # measured: 3e-4 of 918k weights (8 devices)
