@@ -30,10 +30,9 @@ _CALLS = re.compile(r"kind=k\w+, calls=%([\w.-]+)")
 
 
 def kernels(hlo_text: str) -> Counter[str]:
-    """What the compiled module launches, by 'name output-shape' (e.g. 'loop_multiply_fusion bf16[32,80,2560]';
-    a tuple output reads '(bf16[2,512], bf16[2,512])'):
-    the fusions, custom calls, copies and transposes of its unfused computations (entry and loop bodies), each
-    counted once per place it appears (a loop body's ops once, not once per trip)."""
+    """What the compiled module launches, by 'name output-shape' (e.g. 'loop_multiply_fusion bf16[32,80,2560]',
+    a tuple output as '(bf16[2,512], bf16[2,512])'): the fusions, custom calls, copies and transposes of its
+    unfused computations (entry and loop bodies), each counted once per place it appears (not per loop trip)."""
     blocks: dict[str, list[str]] = {}
     name = None
     for line in hlo_text.splitlines():
