@@ -36,7 +36,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
                                                      target_config=H100_TARGET_CONFIG.read_text()).devices)
         except Exception as e:
             raise ValueError(f"--topology {topology}: cannot describe H100s without a GPU ({e}); install the "
-                               "`gpu-aot` extra (jax-cuda13-plugin, the version of jaxlib)") from e
+                             "`gpu-aot` extra (jax-cuda13-plugin, the version of jaxlib)") from e
     # Compiling for absent chips needs no exclusive hold on a local TPU, and there are no TPU workers to find.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -44,4 +44,4 @@ def topology_devices(topology: str) -> list[jax.Device]:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:
         raise ValueError(f"--topology {topology}: cannot describe this TPU topology ({e}); install the `tpu` "
-                           "extra (libtpu) and use a name such as v5p:2x2x2") from e
+                         "extra (libtpu) and use a name such as v5p:2x2x2") from e

@@ -150,7 +150,7 @@ class GPTNeoXConfig:
 class KVCache(NamedTuple):
     """Per-layer keys and values for decoding; all sequences of a batch write the same slot (left padding)."""
 
-    k: jax.Array  # (layers, batch, heads, max_length, head_dim): per head, positions × channels, as the dots read it
+    k: jax.Array  # (layers, batch, heads, max_length, head_dim): positions × channels per head, as dots read it
     v: jax.Array
     valid: jax.Array  # (batch, max_length) bool: slot holds a real token
     next_position: jax.Array  # (batch,) int32: rotary position of each sequence's next token
@@ -432,8 +432,8 @@ def lm_head(h: jax.Array, kernel: jax.Array) -> jax.Array:
     do): differentiated as written, the fp32 gradient made XLA run both of them in fp32, about a tenth of
     the 2.8B step's time on an H200 (NOTES.md). The kernel's gradient keeps fp32 accumulation and its dtype.
     """
-    logits = jnp.einsum("bte,ev->btv", _one_row_padded(h), kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-    return logits[:h.shape[0]]
+    padded = _one_row_padded(h)
+    return jnp.einsum("bte,ev->btv", padded, kernel.astype(h.dtype), preferred_element_type=jnp.float32)[:h.shape[0]]
 
 
 def _lm_head_fwd(h: jax.Array, kernel: jax.Array):

@@ -8,10 +8,10 @@ No full sort of the vocabulary: the `candidates` largest scores (`top_k`, blockw
 full log-partition function give each candidate's exact probability. If the mass outside them is small enough
 that HF would drop the next token too, the kept set lies among the candidates: its floor is read there and the
 draw is among them. Otherwise (for any row of the batch) the floor comes from a bisection over the float order
-of the scores (32 masked sums) and the draw is over the whole vocabulary. Either
-way a token is kept iff HF keeps it, by HF's rule (ascending cumulative probability > 1 - top_p, at least one
-token); sums run in another order than torch's, so a token within float rounding (~1e-6) of the boundary could
-differ, and of exactly tied scores at the boundary we keep all (HF keeps those its unstable sort puts last).
+of the scores (32 masked sums) and the draw is over the whole vocabulary. Either way a token is kept iff HF
+keeps it, by HF's rule (ascending cumulative probability > 1 - top_p, at least one token); sums run in another
+order than torch's, so a token within float rounding (~1e-6) of the boundary could differ, and of exactly tied
+scores at the boundary we keep all (HF keeps those its unstable sort puts last).
 """
 
 from __future__ import annotations
