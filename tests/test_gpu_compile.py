@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from llmcxr_jax import aot, sampling
-from llmcxr_jax.model import GPTNeoXConfig
+from llmcxr_jax.model import GPTNeoXConfig, gelu
 from train_helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -77,3 +77,18 @@ def test_sampling_never_runs_a_top_k_kernel_over_the_vocabulary():
                                                       hlo)]
     assert top_k_inputs, "no top-k kernel: the test no longer looks at the candidates' selection"
     assert all(math.prod(dims) <= 16 * 128 for shape in top_k_inputs for dims in _shapes(shape)), top_k_inputs
+
+
+def test_gelu_compiles_to_erf_without_an_erfc_expansion():
+    """The 2.8B step's GELU passes were compute-bound on an H200 (NOTES.md): erfc's expansion is two polynomials,
+    two divides and an exp per element, each branch computed. erf is one op; the gradient adds one exp."""
+    device = jax.sharding.SingleDeviceSharding(aot.topology_devices("h100:1")[0])
+    x = jax.ShapeDtypeStruct((256, 2048), jnp.bfloat16, sharding=device)
+    grad = jax.grad(lambda x: gelu(x).astype(jnp.float32).sum())
+    ops = {}
+    for name, fn in (("forward", gelu), ("gradient", grad)):
+        hlo = jax.jit(fn).lower(x).compile().as_text()
+        ops[name] = {op: len(re.findall(rf"= f32\[[\d,]*\]\{{[\d,]*\}} {op}\(", hlo))
+                     for op in ("erf", "exponential", "divide")}
+    assert ops == {"forward": {"erf": 1, "exponential": 0, "divide": 0},
+                   "gradient": {"erf": 1, "exponential": 1, "divide": 0}}, ops

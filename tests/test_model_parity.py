@@ -10,7 +10,7 @@ from flax import nnx
 from hf_reference import hf_logits, save_hf, tiny_hf_model
 from llmcxr_jax import parallel
 from llmcxr_jax.convert import load_hf_model
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, LayerStack, extend_vocab, unstack_layers
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, LayerStack, extend_vocab, gelu, unstack_layers
 
 VARIANTS = {
     "parallel_rot25_untied_h4": dict(use_parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=False),
@@ -97,6 +97,21 @@ def test_kv_cache_decoding_equals_full_forward_left_padded():
     for b, s in enumerate(seqs):
         alone = np.asarray(model(jnp.asarray(s[None])))[0]
         np.testing.assert_allclose(masked[b, width - len(s):], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_and_its_gradient_equal_torch(dtype):
+    """torch's exact GELU (what HF GPT-NeoX's "gelu" runs), in fp32 and in bf16 (computed in fp32, then rounded)."""
+    x = np.concatenate([np.linspace(-12, 12, 2001), np.random.default_rng(0).normal(0, 3, 2000)]).astype(np.float32)
+    g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    tx = torch.tensor(x).to(getattr(torch, dtype)).requires_grad_()
+    torch.nn.functional.gelu(tx).backward(torch.tensor(g).to(tx.dtype))
+    jx, jg = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
+    y, vjp = jax.vjp(gelu, jx)
+    ulp = 1e-6 if dtype == "float32" else 2 ** -7  # bf16: at most one rounding step apart
+    for ours, theirs in ((y, torch.nn.functional.gelu(tx)), (vjp(jg)[0], tx.grad)):
+        ours, theirs = np.asarray(ours, np.float32), theirs.detach().float().numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=ulp, atol=1e-6)
 
 
 def test_bf16_forward_close_to_fp32(tmp_path):
