@@ -87,8 +87,8 @@ class Traffic(NamedTuple):
 
 
 def _fusion_bytes(lines: list[str]) -> int:
-    """Reads plus writes of a fused computation: a parameter read only through dynamic-slice costs the slices,
-    the buffer an in-place dynamic-update-slice root writes into costs nothing and the root costs its update."""
+    """Reads plus writes of a fused computation: a parameter read only through slices or gathers costs what they
+    read, the buffer an in-place dynamic-update-slice root writes into costs nothing, and that root its update."""
     defs = {m.group(1): m.groups()[1:] for line in lines for m in [_INSTRUCTION.match(line)] if m}
     users: dict[str, list[tuple[str, int, str]]] = {}
     for name, (shape, op, rest) in defs.items():
@@ -99,7 +99,7 @@ def _fusion_bytes(lines: list[str]) -> int:
         if op != "parameter":
             continue
         uses = users.get(name, [])
-        if uses and all(use == "dynamic-slice" and position == 0 for use, position, _ in uses):
+        if uses and all(use in ("slice", "dynamic-slice", "gather") and position == 0 for use, position, _ in uses):
             total += sum(_bytes(sliced) for _, _, sliced in uses)
         elif not (uses and all(use == "dynamic-update-slice" and position == 0 for use, position, _ in uses)):
             total += _bytes(shape)
@@ -210,9 +210,14 @@ def main() -> None:
     if args.hlo_out:
         args.hlo_out.write_text(hlo)
     counts = kernels(hlo)
+    moved = sum(r.bytes_per_run * r.runs for r in traffic(hlo))
+    weights = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(
+        nnx.state(nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0))))))
     print(f"decoding step, {args.shape} bf16, batch {args.batch}, cache {args.cache_length}"
           f"{', image codes only' if args.image else ''}, XLA:GPU for "
-          f"{aot.H100_TARGET_CONFIG.name}: {sum(counts.values())} kernels")
+          f"{aot.H100_TARGET_CONFIG.name}: {sum(counts.values())} kernels, {moved / 1e9:.2f} GB moved (estimate; "
+          f"all weights: {weights / 1e9:.2f} GB), {moved / args.bandwidth * 1e3:.2f} ms at "
+          f"{args.bandwidth / 1e12:.1f} TB/s")
     for kernel, n in counts.most_common():
         print(f"{n:6d}  {kernel}")
 
