@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llmcxr_jax import trainer
+from llmcxr_jax import parallel, trainer
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 
 LOSS_MODES = ("global", "original")
@@ -117,24 +117,35 @@ def _chunked_head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, weig
 
 
 def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset):
-    compute_kernel = kernel.astype(h.dtype)
+    # Sharded over devices, the kernel is gathered once for every chunk, and each batch shard sums its own rows'
+    # part of the kernel's gradient over the chunks (a leading `shards` axis), reduced across devices once after
+    # the loop. Left to sharding propagation, XLA:GPU gathered the kernel and reduce-scattered its fp32 gradient
+    # in every chunk (NOTES.md).
+    compute_kernel = parallel.constrain(kernel.astype(h.dtype), (None, "vocab"))
+    _, batch, chunk, _ = h.shape
+    shards = parallel.shard_count("batch", batch)
+
+    def per_shard(x):  # (batch, chunk, ...) -> (shards, batch / shards, chunk, ...)
+        return x.reshape(shards, batch // shards, *x.shape[1:])
 
     def body(carry, xs):
         total, kernel_grad = carry
         hc, tc, wc = xs
-        logits = lm_head(hc, compute_kernel)  # one cast (and, sharded, one gather) for every chunk
+        logits = lm_head(hc, compute_kernel)
         total = jax.tree.map(jnp.add, total, target_statistics(logits, tc, wc, image_offset))
         row_weights = (wc * scales[:, None])[..., None]
         logits_grad = (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(tc, logits.shape[-1])) * row_weights
         g = logits_grad.astype(h.dtype)
         h_grad = jnp.einsum("btv,ev->bte", g, compute_kernel, preferred_element_type=jnp.float32)
-        kernel_grad = kernel_grad + jnp.einsum("bte,btv->ev", hc, g, preferred_element_type=jnp.float32)
+        shard_grads = jnp.einsum("sbte,sbtv->sev", per_shard(hc), per_shard(g), preferred_element_type=jnp.float32)
+        kernel_grad = parallel.constrain(kernel_grad + shard_grads, ("batch", None, "vocab"))
         return (total, kernel_grad), h_grad.astype(h.dtype)
 
-    zeros = (_zero_statistics(scales.shape[0]), jnp.zeros(kernel.shape, jnp.float32))
-    (stats, kernel_grad), h_grad = jax.lax.scan(body, zeros, (h, targets, weights))
+    shard_zeros = parallel.constrain(jnp.zeros((shards, *kernel.shape), jnp.float32), ("batch", None, "vocab"))
+    (stats, kernel_grad), h_grad = jax.lax.scan(body, (_zero_statistics(scales.shape[0]), shard_zeros),
+                                                (h, targets, weights))
     loss = (stats["seq_loss"] * scales).sum()
-    return (loss, stats), (h_grad, kernel_grad.astype(kernel.dtype))
+    return (loss, stats), (h_grad, kernel_grad.sum(0).astype(kernel.dtype))
 
 
 def _chunked_head_loss_bwd(image_offset, residuals, cotangents):

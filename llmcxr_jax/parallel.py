@@ -128,6 +128,16 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def shard_count(logical_axis: str, size: int) -> int:
+    """Into how many pieces the current mesh and rules split a dimension of `size` named `logical_axis`
+    (1 without a mesh): what `constrain` would shard it over."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec((logical_axis,), (size,), mesh, _ACTIVE_RULES.get())[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def per_device_bytes(tree: Any) -> int:
     """Largest number of bytes any single device holds for the arrays of `tree` (from their shardings)."""
     totals: dict[Any, int] = {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmcxr_jax import lm_task, parallel, sampling, trainer
+from llmcxr_jax import aot, lm_task, parallel, sampling, trainer
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 from train_helpers import load_config, mesh_of, tiny_task
 
@@ -46,11 +46,13 @@ def test_chunked_statistics_and_gradients_equal_the_full_ones():
 
 
 def _compiled_step_text(chunk: int, vocab: int, B: int, T: int, dtype: str = "float32", compile: bool = True,
-                        debug_info: bool = False, mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> str:
+                        debug_info: bool = False, mesh_shape: tuple[int, int, int] = (1, 1, 1),
+                        topology: str = "") -> str:
+    """The train step of configs/stage1.py:tiny, compiled for this host's devices or for `topology`'s (h100:8)."""
     config = load_config("stage1")
     config.model.update(vocab_size=vocab, dtype=dtype)
     config.train.update(loss_chunk=chunk, global_batch_size=B)
-    mesh = mesh_of(mesh_shape)
+    mesh = parallel.make_mesh(mesh_shape, devices=aot.topology_devices(topology)) if topology else mesh_of(mesh_shape)
     task = tiny_task(config, mesh, 1)
     graphdef, abstract, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
     batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
@@ -80,13 +82,24 @@ def test_the_chunked_lm_head_is_not_recomputed_in_the_backward_pass():
     assert not re.search(r"op_name=\"[^\"]*rematted_computation[^\"]*bte,ev->btv", text)
 
 
-def test_the_fsdp_sharded_lm_head_kernel_is_gathered_once_per_step():
+@pytest.mark.parametrize("topology, reduction", [("", "all-reduce"), ("h100:8", "reduce-scatter")],
+                         ids=["cpu", "h100"])
+def test_the_fsdp_sharded_lm_head_is_gathered_and_its_gradient_reduced_once_per_step(topology, reduction):
     """On 8 fsdp devices the head's kernel is all-gathered once (cast to bf16 once, shared by every chunk's
-    matmuls), not once for the logits and again for the gradient matmuls."""
+    matmuls) and its gradient summed on each device over the chunks, then reduce-scattered once: outside the
+    chunk loop. Left to sharding propagation, XLA:GPU did both in every chunk (the H100 program, compiled here)."""
     V = 4096
-    text = _compiled_step_text(16, V, 8, 64, dtype="bfloat16", mesh_shape=(1, 8, 1))
-    gathers = [line for line in text.splitlines() if re.search(rf"= \w+\[\d+,{V}\]\S* all-gather\(", line)]
-    assert len(gathers) == 1, gathers
+    with jax.default_matmul_precision("default"):
+        text = _compiled_step_text(16, V, 16, 64, dtype="bfloat16", mesh_shape=(1, 8, 1), topology=topology)
+    found, computation = [], None
+    for line in text.splitlines():
+        header = re.match(r"^(ENTRY )?%\S+ .*\{$", line)
+        if header:
+            computation = "entry" if header.group(1) else "other"
+        collective = re.search(r"= (.*) (all-gather|reduce-scatter|all-reduce)(?:-start)?\(", line)
+        if collective and f",{V}]" in collective.group(1):
+            found.append((collective.group(2), computation))
+    assert sorted(found) == [("all-gather", "entry"), (reduction, "entry")], found  # XLA:CPU: an all-reduce
 
 
 def _dot_sources(text: str) -> list[tuple[str, str]]:
