@@ -4,8 +4,10 @@ training step's kernels ranked by the memory they move.
 Deviceless ahead-of-time compilation (`llmcxr_jax.aot`: the CUDA PJRT plugin without CUDA libraries, the
 `gpu-aot` extra). Fusion, layout and kernel choices are XLA's own for sm_90; with no device there is no
 autotuning, so tile sizes and split-k come from its heuristics. This is how the KV-cache layout, the batch-1
-matmuls, the blockwise top-k and the GELU were chosen (NOTES.md). cuDNN attention needs a GPU to compile, so the
-training step is compiled with XLA's attention: its attention kernels are not the GPU run's.
+matmuls, the blockwise top-k and the GELU were chosen (NOTES.md). cuDNN attention needs a GPU to compile, so in
+the training step it is an opaque kernel of cuDNN's operands and results (`aot.cudnn_shaped_attention`): the rest
+of the program is what XLA builds around cuDNN's kernels, which are missing from the list (`--attention xla`:
+XLA's attention instead).
 
     JAX_PLATFORMS=cpu PYTHONPATH=. python bench/gpu_compile.py --shape 2.8b --batch 1
     JAX_PLATFORMS=cpu PYTHONPATH=. python bench/gpu_compile.py --train --batch 8     # configs/stage1.py's 2.8B
@@ -13,6 +15,7 @@ training step is compiled with XLA's attention: its attention kernels are not th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import re
@@ -145,9 +148,10 @@ def traffic(hlo_text: str) -> list[Traffic]:
     return rows
 
 
-def train_step_hlo(batch: int, seq_len: int, variant: str = "") -> str:
+def train_step_hlo(batch: int, seq_len: int, variant: str = "", attention: str = "cudnn_shaped") -> str:
     """The optimized HLO of one training step of configs/stage1.py (`variant`; "" = the 2.8B model) on a
-    synthetic batch of `batch` × `seq_len`, with XLA's attention, compiled for one H100."""
+    synthetic batch of `batch` × `seq_len`, compiled for one H100, with `attention` "cudnn_shaped"
+    (`aot.cudnn_shaped_attention`) or "xla"."""
     spec = importlib.util.spec_from_file_location("stage1", Path(__file__).parent.parent / "configs" / "stage1.py")
     stage1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage1)
@@ -164,7 +168,8 @@ def train_step_hlo(batch: int, seq_len: int, variant: str = "") -> str:
     inputs = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])
               for k, (shape, dtype) in train.lm_batch_shapes(config).items()}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with jax.set_mesh(mesh), parallel.use_rules(rules):
+    standin = aot.cudnn_shaped_attention() if attention == "cudnn_shaped" else contextlib.nullcontext()
+    with standin, jax.set_mesh(mesh), parallel.use_rules(rules):
         step = trainer.compile_train_step(task, graphdef, shardings, batch_sh)
         return step.lower(state, inputs).compile().as_text()
 
@@ -199,6 +204,8 @@ def main() -> None:
     parser.add_argument("--hlo_out", type=Path, help="also write the optimized HLO here")
     parser.add_argument("--train", action="store_true", help="configs/stage1.py's training step instead (2.8B)")
     parser.add_argument("--seq", type=int, default=1024, help="with --train: sequence length")
+    parser.add_argument("--attention", choices=("cudnn_shaped", "xla"), default="cudnn_shaped",
+                        help="with --train: cuDNN's attention as opaque kernels of its shapes, or XLA's attention")
     parser.add_argument("--top", type=int, default=40, help="with --train: kernels listed")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the ms column (H200: 4.8e12)")
     args = parser.parse_args()
@@ -223,12 +230,13 @@ def main() -> None:
 
 
 def print_train_traffic(args: argparse.Namespace) -> None:
-    hlo = train_step_hlo(args.batch, args.seq)
+    hlo = train_step_hlo(args.batch, args.seq, attention=args.attention)
     if args.hlo_out:
         args.hlo_out.write_text(hlo)
     rows = sorted(traffic(hlo), key=lambda r: -r.bytes_per_run * r.runs)
     total = sum(r.bytes_per_run * r.runs for r in rows)
-    print(f"training step, configs/stage1.py (2.8B), batch {args.batch} x {args.seq}, XLA attention, XLA:GPU for "
+    attention = "cuDNN's attention as opaque kernels" if args.attention == "cudnn_shaped" else "XLA's attention"
+    print(f"training step, configs/stage1.py (2.8B), batch {args.batch} x {args.seq}, {attention}, XLA:GPU for "
           f"{aot.H100_TARGET_CONFIG.name}: {len(rows)} kernels, {total / 1e9:.0f} GB moved (estimate), "
           f"{total / args.bandwidth * 1e3:.0f} ms at {args.bandwidth / 1e12:.1f} TB/s")
     print(f"{'GB':>8} {'ms':>7} {'runs':>5}  kernel  shape  source op")

@@ -36,6 +36,9 @@ train 120 --batch 8 --remat full
 train 120 --batch 8 --remat dots_no_batch --attention xla   # what the fused attention is worth
 train 120 --batch 8 --remat dots
 train 120 --batch 16 --remat dots_no_batch
+# On an 80 GB H100, batch 16 with fp32 Adam moments is over XLA's memory limit and it recomputes matmuls
+# (`xla_remat_copies`; `--dry_run --topology h100:1` says so); bf16 first moments fit.
+train 120 --batch 16 --remat dots_no_batch --mu_dtype bfloat16
 
 python - "$RESULTS" "$SEEN" <<'EOF'
 import json, sys
@@ -47,7 +50,8 @@ print("\nsummary")
 for r in rows:
     if r["bench"] == "train":
         print(f"train    {r['impl']:13} b{r['batch']:<3} {r['remat']:14} {r['attention']:6} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu'] or 0:.1%}"
-              f"  peak {r.get('peak_gib', 0):.1f} GiB  first {r['first_step_s']:.0f} s  fused_attn {r.get('fused_attention', '-')} ×{r.get('attention_forwards', '-')}")
+              f"  peak {r.get('peak_gib', 0):.1f} GiB  first {r['first_step_s']:.0f} s  fused_attn {r.get('fused_attention', '-')} ×{r.get('attention_forwards', '-')}"
+              f"  mu {r.get('mu_dtype') or 'fp32'}  remat copies {r.get('xla_remat_copies', '-')}")
     elif r["bench"] == "generate_latency":
         print(f"generate {r['impl']:13} {r['measure']:6} b{r['batch']:<3} {r['ms_per_token']:>8.2f} ms/token"
               f" {r['tokens_per_s']:>9.0f} tok/s  s/image {r.get('s_per_image', '-')}")

@@ -97,6 +97,8 @@ def measure_ours(args: argparse.Namespace) -> dict:
                   fused_attention="__cudnn$fmha" in hlo,
                   # per layer, the scan body: 1 = the backward reuses the forward's outputs, 2 = it reruns it
                   attention_forwards=hlo.count('custom_call_target="__cudnn$fmhaSoftmax"'),
+                  # kernels XLA duplicated to fit the device's memory (matmuls run twice): 0 unless memory-tight
+                  xla_remat_copies=trainer.rematerialized_kernels(hlo),
                   peak_gib=round(memory.get("peak_bytes_in_use", 0) / 2**30, 1))
     return result
 

@@ -23,12 +23,17 @@ from llmcxr_jax import parallel
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+FUSED_ATTENTION_NAME = "fused_attention"  # checkpoint_name of values the remat policies keep as cuDNN's outputs
+
+
 def _keeping_fused_attention(policy: Callable[..., bool]) -> Callable[..., bool]:
     """`policy`, plus the outputs of cuDNN's fused attention forward (its output and softmax statistics): the
     kernel is a custom call, not a dot, so a dot policy alone runs it again in the backward pass (twice per layer
-    per step). Costs (batch, length, embed) in bf16 per layer, ~2.7 GiB at 2.8B, batch 16 × 1024."""
+    per step). Costs (batch, length, embed) in bf16 per layer, ~2.7 GiB at 2.8B, batch 16 × 1024. Values named
+    FUSED_ATTENTION_NAME are kept too (`aot.cudnn_shaped_attention`'s stand-in for the kernel)."""
     def saveable(prim: Any, *args: Any, **params: Any) -> bool:
-        return prim.name.startswith("dot_product_attention_fwd") or policy(prim, *args, **params)
+        return (prim.name.startswith("dot_product_attention_fwd") or params.get("name") == FUSED_ATTENTION_NAME
+                or policy(prim, *args, **params))
     return saveable
 
 

@@ -8,6 +8,7 @@ A restarted run resumes from the latest checkpoint in `--workdir` by itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -234,6 +235,11 @@ def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], A
         print(f"  per device {key:>15}: {value / 2**30:8.3f} GiB")
     if platform == "cpu":
         print("  note: memory on (fake) CPU devices is XLA's plan for this mesh, not a guarantee for a GPU")
+    report["rematerialized"] = trainer.rematerialized_kernels(compiled.as_text())
+    if report["rematerialized"]:
+        print(f"  note: XLA recomputes {report['rematerialized']} kernels (matmuls among them) to fit each device's "
+              "memory, which slows the step; a smaller train.global_batch_size (or train.micro_batches), "
+              "optim.mu_dtype=bfloat16 or model.remat_policy=full avoids it")
     return report
 
 
@@ -245,9 +251,6 @@ def topology_mesh(topology: str, shape: tuple[int, ...]) -> jax.sharding.Mesh:
 def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> Any:
     parallel.initialize(config.distributed)
     parallel.enable_compilation_cache()
-    if aot.is_gpu_topology(topology) and config.model.attention_impl == "cudnn":
-        raise ValueError(f"--topology {topology}: cuDNN attention cannot be compiled without a GPU; dry-run with "
-                         "--config.model.attention_impl=auto (XLA's attention, an upper bound on memory)")
     mesh = topology_mesh(topology, config.mesh.shape) if topology else parallel.make_mesh(config.mesh.shape)
     rules = parallel.DEFAULT_RULES
     check_config(config, mesh)
@@ -264,10 +267,19 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
-        report = dry_run(task, lm_batch_shapes(config), what, mesh, rules)
-        if aot.is_gpu_topology(topology) and config.model.attention_impl == "auto":
-            print("  note: attention compiled as XLA's (cuDNN's kernel needs a GPU to compile), which holds each "
-                  "layer's scores: temporaries are an upper bound for a GPU run with attention_impl=auto")
+        fused = aot.is_gpu_topology(topology) and config.model.attention_impl != "xla"
+        try:
+            with aot.cudnn_shaped_attention() if fused else contextlib.nullcontext():
+                report = dry_run(task, lm_batch_shapes(config), what, mesh, rules)
+        except jax.errors.JaxRuntimeError as e:
+            if not (fused and aot.OPAQUE_KERNEL in str(e)):
+                raise
+            raise ValueError(f"--topology {topology}: this jaxlib's CUDA plugin has no {aot.OPAQUE_KERNEL}, which "
+                             "stands in for cuDNN's attention when compiling without a GPU; dry-run with "
+                             "--config.model.attention_impl=xla (XLA's attention: an upper bound on memory)") from None
+        if fused:
+            print("  note: cuDNN's fused attention (which needs a GPU to compile) was compiled as opaque kernels of "
+                  "its shapes; its workspace is not counted")
         return report
     if config.data.source != "synthetic" and jax.process_index() == 0:
         load_tokenizer(config).save(checkpoint.local_path(workdir, "--workdir"))  # the sampler reads it from there

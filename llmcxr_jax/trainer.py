@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -249,6 +250,16 @@ def compile_train_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch
         return nnx.state(module), metrics
 
     return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+
+
+_REMATERIALIZED = re.compile(r"^\s*(?:ROOT )?%[\w.-]+\.remat\d* = ", re.M)
+
+
+def rematerialized_kernels(hlo_text: str) -> int:
+    """How many instructions of a compiled module XLA duplicated to fit the device's memory (its
+    rematerialization pass names the copies `*.remat`, `*.remat2`, ...): matmuls and fusions the step runs more
+    than once, a slowdown its FLOP count does not show."""
+    return len(_REMATERIALIZED.findall(hlo_text))
 
 
 def compile_eval_step(task: Task, graphdef: nnx.GraphDef, shardings: Any, batch_sh: dict[str, NamedSharding],

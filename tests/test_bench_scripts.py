@@ -26,6 +26,7 @@ def test_train_throughput_runs_ours_and_transformers(tmp_path):
                          "--steps", "1", "--repeats", "1", "--ref")
     assert [r["impl"] for r in rows] == ["ours", "transformers"]
     assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows) and "ratio ours/transformers" in printed
+    assert rows[0]["xla_remat_copies"] == 0  # a tiny step fits: XLA duplicated nothing
 
 
 def test_generate_latency_runs_ours_and_transformers(tmp_path):
