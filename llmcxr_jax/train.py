@@ -211,9 +211,15 @@ def lm_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     return {"input_ids": (shape, np.int32), "loss_weights": (shape, np.float32)}
 
 
+LM_REMAT_ADVICE = ("a smaller train.global_batch_size (or train.micro_batches), optim.mu_dtype=bfloat16 or "
+                   "model.remat_policy=full avoids it")
+
+
 def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], what: str,
-            mesh: jax.sharding.Mesh, rules: parallel.Rules) -> dict[str, int]:
-    """Lower and compile one train step from abstract inputs; print and return per-device memory in bytes.
+            mesh: jax.sharding.Mesh, rules: parallel.Rules,
+            remat_advice: str = "a smaller train.global_batch_size avoids it") -> dict[str, int]:
+    """Lower and compile one train step from abstract inputs; print and return per-device memory in bytes and
+    the number of kernels XLA rematerialized (with `remat_advice` when there are any).
 
     `batch_shapes` maps each batch key to (global shape, dtype); `what` describes one step's batch.
     """
@@ -238,8 +244,7 @@ def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], A
     report["rematerialized"] = trainer.rematerialized_kernels(compiled.as_text())
     if report["rematerialized"]:
         print(f"  note: XLA recomputes {report['rematerialized']} kernels (matmuls among them) to fit each device's "
-              "memory, which slows the step; a smaller train.global_batch_size (or train.micro_batches), "
-              "optim.mu_dtype=bfloat16 or model.remat_policy=full avoids it")
+              f"memory, which slows the step; {remat_advice}")
     return report
 
 
@@ -270,7 +275,7 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
         fused = aot.is_gpu_topology(topology) and config.model.attention_impl != "xla"
         try:
             with aot.cudnn_shaped_attention() if fused else contextlib.nullcontext():
-                report = dry_run(task, lm_batch_shapes(config), what, mesh, rules)
+                report = dry_run(task, lm_batch_shapes(config), what, mesh, rules, LM_REMAT_ADVICE)
         except jax.errors.JaxRuntimeError as e:
             if not (fused and aot.OPAQUE_KERNEL in str(e)):
                 raise
