@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax import checkpoint, parallel
@@ -118,6 +119,10 @@ class _Preemption:
     its own signal. With several processes `stop_now` therefore ORs the flags on the devices and returns the vote
     cast one step earlier: by then the loop has waited for that step's metrics anyway, so voting adds no
     host-device sync. A single process reads its flag directly.
+
+    Once `jax.distributed` is initialised, JAX's own preemption notifier catches SIGTERM until this handler is
+    installed (start-up, restoring a checkpoint): such a signal did not stop the run at all. `stop_now` also
+    asks JAX's preemption sync point, which every process reaches at the same step after such a notice.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -127,13 +132,19 @@ class _Preemption:
         self._previous: dict[int, Any] = {}
         self._vote = _any_process(mesh) if jax.process_count() > 1 else None
         self._ballot: jax.Array | None = None
+        self.noticed_early = False  # stopped by a SIGTERM that JAX's notifier caught before this handler
 
-    def stop_now(self) -> bool:
-        """Whether to stop after the step just dispatched; the same answer on every process."""
+    def stop_now(self, step: int) -> bool:
+        """Whether to stop after `step`, the step just dispatched; the same answer on every process."""
         if self._vote is None:
-            return self.requested is not None
-        ballot, self._ballot = self._ballot, self._vote(self.requested is not None)
-        return ballot is not None and bool(ballot)
+            stop = self.requested is not None
+        else:
+            ballot, self._ballot = self._ballot, self._vote(self.requested is not None)
+            stop = ballot is not None and bool(ballot)
+        if _preemption_sync_point(step) and not stop:
+            self.noticed_early = True
+            return True
+        return stop
 
     def __enter__(self) -> _Preemption:
         try:
@@ -153,6 +164,14 @@ class _Preemption:
     def __exit__(self, *exc) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
+
+
+def _preemption_sync_point(step: int) -> bool:
+    """JAX's answer for `step` after a preemption notice (False without `jax.distributed` or its service)."""
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service off: then no notifier takes SIGTERM from us either
+        return False
 
 
 def _any_process(mesh: Mesh) -> Callable[[bool], jax.Array]:
@@ -333,23 +352,23 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
          mesh):
     """The loop body. Metrics of step t are read after step t+1 is dispatched, so the host never idles the device.
 
-    Throughput windows leave out compiles (a step's first call for each batch shape) and the time spent saving,
+    Throughput windows leave out compiles (the step compiled for each new batch shape) and the time spent saving,
     evaluating and drawing images, so tokens/s and MFU are training's.
     """
     window: dict[str, float] | None = None
     window_start, window_steps, aside = time.perf_counter(), 0, 0.0
-    compiled: set[tuple] = set()
+    executables: dict[tuple, Any] = {}  # the step compiled for each batch shape
     pending = None
     with _Preemption(mesh) as preemption:
         while step < loop.total_steps:
             batch_state = train_iter.get_state()  # names the batch in error messages
             batch = to_global(next(train_iter), batch_sh)
             shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
-            dispatched = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            if shapes not in compiled:  # this call compiled the step for the shape before dispatching it
-                compiled.add(shapes)
-                aside += time.perf_counter() - dispatched
+            if shapes not in executables:
+                compiling = time.perf_counter()
+                executables[shapes] = _compile_for(step_fn, state, batch, shapes, logger)
+                aside += time.perf_counter() - compiling
+            state, metrics = executables[shapes](state, batch)
             step += 1
             if pending is not None:
                 window = _add(window, _check_finite(*pending))
@@ -358,7 +377,7 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
             logger.advance()
             last = step == loop.total_steps
             log_now = bool(loop.log_every) and (step % loop.log_every == 0 or last)
-            stop = preemption.stop_now()  # once: a signal arriving later in this step is handled at the next
+            stop = preemption.stop_now(step)  # once: a signal arriving later in this step is handled at the next
             save_now = ckpts.should_save(step) or last or stop
             if log_now or save_now:
                 window = _add(window, _check_finite(*pending))
@@ -397,10 +416,22 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
             if side_work:
                 aside += time.perf_counter() - set_aside
             if stop:
-                logger.message(f"{preemption.requested or 'SIGTERM/Ctrl-C on another process'}: saved a "
-                               f"checkpoint at step {step}; exiting cleanly")
+                cause = ("SIGTERM to some process during start-up" if preemption.noticed_early
+                         else preemption.requested or "SIGTERM/Ctrl-C on another process")
+                logger.message(f"{cause}: saved a checkpoint at step {step}; exiting cleanly")
                 break
     return state
+
+
+def _compile_for(step_fn: Any, state: Any, batch: dict[str, jax.Array], shapes: tuple, logger: _Logger) -> Any:
+    """The step compiled for this batch's shapes, with a note when XLA had to recompute kernels to fit it."""
+    executable = step_fn.lower(state, batch).compile()
+    copies = rematerialized_kernels(executable.as_text())
+    if copies:
+        logger.message(f"note: for batches of {dict(shapes)}, XLA recomputes {copies} kernels of the step (matmuls "
+                       "among them) to fit each device's memory, which slows every step; a smaller batch per device "
+                       "or less optimizer state avoids it (--dry_run compiles and reports without training)")
+    return executable
 
 
 @jax.jit
