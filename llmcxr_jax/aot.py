@@ -30,8 +30,14 @@ def is_gpu_topology(topology: str) -> bool:
 
 
 def topology_devices(topology: str) -> list[jax.Device]:
-    """The devices of `topology` (see the module docstring), for a mesh to compile against."""
+    """The devices of `topology` (see the module docstring), for a mesh to compile against.
+
+    Turns JAX's persistent compilation cache off for this process: an executable compiled for devices that are
+    not there cannot be loaded back from it (each later compile of the same program warned and compiled again).
+    """
     from jax.experimental import topologies
+
+    jax.config.update("jax_enable_compilation_cache", False)
 
     if is_gpu_topology(topology):
         match = _GPU.fullmatch(topology.lower())

@@ -122,3 +122,25 @@ def test_the_training_step_compiles_for_an_h100_with_one_run_of_each_layer_kerne
     hlo = gpu_compile.train_step_hlo(batch=8, seq_len=32, variant="tiny")  # configs/stage1.py:tiny, 2 layers
     runs = Counter(r.runs for r in gpu_compile.traffic(hlo))
     assert set(runs) == {1, 2, 4} and runs[2] > runs[4], runs  # entry, forward/backward layer scans, loss chunks
+
+
+def test_deviceless_compiles_stay_out_of_the_persistent_compilation_cache(tmp_path):
+    """An executable compiled for devices that are not there cannot be read back from JAX's cache: with the
+    cache on (as the CLIs turn it on), each repeat compile warned. Asking for topology devices turns it off."""
+    import warnings
+
+    saved = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
+                                                         "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        device = jax.sharding.SingleDeviceSharding(aot.topology_devices("h100:1")[0])
+        x = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                jax.jit(lambda x: jnp.tanh(x @ x)).lower(x).compile()
+        assert not [w for w in caught if "compilation cache" in str(w.message)], [str(w.message) for w in caught]
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
