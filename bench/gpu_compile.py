@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import re
 from collections import Counter
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmcxr_jax import aot, lm_task, parallel, train, trainer
+from llmcxr_jax import aot, lm_task, parallel, train
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, unstack_layers
 from shapes import LLMCXR_VOCAB, SHAPES  # noqa: E402  bench/shapes.py
 
@@ -152,10 +151,7 @@ def train_step_hlo(batch: int, seq_len: int, variant: str = "", attention: str =
     """The optimized HLO of one training step of configs/stage1.py (`variant`; "" = the 2.8B model) on a
     synthetic batch of `batch` × `seq_len`, compiled for one H100, with `attention` "cudnn_shaped"
     (`aot.cudnn_shaped_attention`) or "xla"."""
-    spec = importlib.util.spec_from_file_location("stage1", Path(__file__).parent.parent / "configs" / "stage1.py")
-    stage1 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage1)
-    config = stage1.get_config(variant)
+    config = train.load_config(f"stage1:{variant}")
     config.data.update(source="synthetic", seq_len=seq_len)
     config.train.update(global_batch_size=batch, num_steps=1)
     config.model.attention_impl = "xla"
@@ -163,15 +159,8 @@ def train_step_hlo(batch: int, seq_len: int, variant: str = "", attention: str =
     rules = parallel.DEFAULT_RULES
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=1,
                               metadata={"stage": 1, **train.token_metadata(config), "vqgan_fingerprint": ""})
-    graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
-    batch_sh = trainer.batch_shardings(task, mesh, rules)
-    inputs = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])
-              for k, (shape, dtype) in train.lm_batch_shapes(config).items()}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    standin = aot.cudnn_shaped_attention() if attention == "cudnn_shaped" else contextlib.nullcontext()
-    with standin, jax.set_mesh(mesh), parallel.use_rules(rules):
-        step = trainer.compile_train_step(task, graphdef, shardings, batch_sh)
-        return step.lower(state, inputs).compile().as_text()
+    with aot.cudnn_shaped_attention() if attention == "cudnn_shaped" else contextlib.nullcontext():
+        return train.compile_step(task, train.lm_batch_shapes(config), mesh, rules).as_text()
 
 
 def decode_step_hlo(config: GPTNeoXConfig, batch: int, cache_length: int,

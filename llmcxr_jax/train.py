@@ -211,6 +211,18 @@ def lm_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     return {"input_ids": (shape, np.int32), "loss_weights": (shape, np.float32)}
 
 
+def compile_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: jax.sharding.Mesh,
+                 rules: parallel.Rules) -> jax.stages.Compiled:
+    """One train step lowered and compiled from abstract state and batch (nothing is allocated); `batch_shapes`
+    maps each batch key to (global shape, dtype)."""
+    graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
+    batch_sh = trainer.batch_shardings(task, mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k]) for k, (shape, dtype) in batch_shapes.items()}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    with jax.set_mesh(mesh), parallel.use_rules(rules):
+        return trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch).compile()
+
+
 LM_REMAT_ADVICE = ("a smaller train.global_batch_size (or train.micro_batches), optim.mu_dtype=bfloat16 or "
                    "model.remat_policy=full avoids it")
 
@@ -223,12 +235,8 @@ def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], A
 
     `batch_shapes` maps each batch key to (global shape, dtype); `what` describes one step's batch.
     """
-    graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
-    batch_sh = trainer.batch_shardings(task, mesh, rules)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k]) for k, (shape, dtype) in batch_shapes.items()}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with jax.set_mesh(mesh), parallel.use_rules(rules):
-        compiled = trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch).compile()
+    compiled = compile_step(task, batch_shapes, mesh, rules)
+    abstract = trainer.state_shardings(task, mesh, rules)[1]
     mem = compiled.memory_analysis()
     report = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
               "temporaries": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes}
