@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.compilation_cache import compilation_cache
 
 from llmcxr_jax import model
 
@@ -38,6 +39,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
     from jax.experimental import topologies
 
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # whether the cache is used is decided once per process, at its first compile
 
     if is_gpu_topology(topology):
         match = _GPU.fullmatch(topology.lower())

@@ -129,11 +129,13 @@ def test_deviceless_compiles_stay_out_of_the_persistent_compilation_cache(tmp_pa
     cache on (as the CLIs turn it on), each repeat compile warned. Asking for topology devices turns it off."""
     import warnings
 
-    saved = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
+    saved = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
                                                          "jax_persistent_cache_min_compile_time_secs")}
     try:
         jax.config.update("jax_compilation_cache_dir", str(tmp_path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.jit(lambda x: x + 1)(1.0)  # a compile with the cache on: JAX decides once per process to use it
         device = jax.sharding.SingleDeviceSharding(aot.topology_devices("h100:1")[0])
         x = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=device)
         with warnings.catch_warnings(record=True) as caught:
