@@ -211,16 +211,23 @@ def lm_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     return {"input_ids": (shape, np.int32), "loss_weights": (shape, np.float32)}
 
 
-def compile_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: jax.sharding.Mesh,
-                 rules: parallel.Rules) -> jax.stages.Compiled:
-    """One train step lowered and compiled from abstract state and batch (nothing is allocated); `batch_shapes`
-    maps each batch key to (global shape, dtype)."""
+def lower_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: jax.sharding.Mesh,
+               rules: parallel.Rules) -> jax.stages.Lowered:
+    """One train step lowered from abstract state and batch (nothing is allocated); `batch_shapes` maps each
+    batch key to (global shape, dtype)."""
     graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
     batch_sh = trainer.batch_shardings(task, mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k]) for k, (shape, dtype) in batch_shapes.items()}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with jax.set_mesh(mesh), parallel.use_rules(rules):
-        return trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch).compile()
+        return trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch)
+
+
+def compile_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: jax.sharding.Mesh,
+                 rules: parallel.Rules) -> jax.stages.Compiled:
+    """`lower_step`, compiled."""
+    with jax.set_mesh(mesh), parallel.use_rules(rules):
+        return lower_step(task, batch_shapes, mesh, rules).compile()
 
 
 LM_REMAT_ADVICE = ("a smaller train.global_batch_size (or train.micro_batches), optim.mu_dtype=bfloat16 or "

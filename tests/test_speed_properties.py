@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmcxr_jax import aot, lm_task, parallel, sampling, trainer
+from llmcxr_jax import aot, lm_task, parallel, sampling, train, trainer
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 from train_helpers import load_config, mesh_of, tiny_task
 
@@ -53,14 +53,9 @@ def _compiled_step_text(chunk: int, vocab: int, B: int, T: int, dtype: str = "fl
     config.model.update(vocab_size=vocab, dtype=dtype)
     config.train.update(loss_chunk=chunk, global_batch_size=B)
     mesh = parallel.make_mesh(mesh_shape, devices=aot.topology_devices(topology)) if topology else mesh_of(mesh_shape)
-    task = tiny_task(config, mesh, 1)
-    graphdef, abstract, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
-    batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
-    batch = {"input_ids": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh["input_ids"]),
-             "loss_weights": jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=batch_sh["loss_weights"])}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    shapes = {"input_ids": ((B, T), jnp.int32), "loss_weights": ((B, T), jnp.float32)}
+    lowered = train.lower_step(tiny_task(config, mesh, 1), shapes, mesh, parallel.DEFAULT_RULES)
     with jax.set_mesh(mesh):
-        lowered = trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch)
         return lowered.compile().as_text() if compile else lowered.as_text(debug_info=debug_info)
 
 
