@@ -21,8 +21,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 42
     # remat dots_no_batch keeps the weight matmuls' outputs: on one H200 (batch 8 x 1024) 22.4k tokens/s and
     # 52.3 GiB against 20.9k and 43.6 GiB for "full" (NOTES.md); "full" where memory is tight.
+    # vocab_multiple: the embedding tables are padded with zero rows to a multiple of it (51,305 -> 51,328), so
+    # they split over a tensor axis; exported HF weights have 51,305 rows again.
     c.model = ml_collections.ConfigDict(dict(
-        DOLLY_V2_3B, dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_no_batch"))
+        DOLLY_V2_3B, dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_no_batch",
+        vocab_multiple=128))
     # Where the weights come from on a fresh run: an HF directory (stage 1) or a previous stage's workdir (stage 2).
     # Neither: an error, unless from_scratch (random weights; the tests' and the phantom demo's small models).
     # init.step: the step of init.workdir to start from; 0 = its latest, which must be the run's last step

@@ -77,7 +77,8 @@ def require_language_model(meta: dict[str, Any], source: str) -> None:
 
 def config_from_metadata(meta: dict[str, Any], source: str, **runtime: Any) -> GPTNeoXConfig:
     require_language_model(meta, source)
-    fields = {**meta["model_config"], **runtime}
+    # Metadata from before GPTNeoXConfig.vocab_multiple existed describes unpadded tables.
+    fields = {"vocab_multiple": 1, **meta["model_config"], **runtime}
     try:
         return GPTNeoXConfig(**fields)
     except TypeError as e:

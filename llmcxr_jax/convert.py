@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from llmcxr_jax import parallel
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, resolve_dtype
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, pad_vocab, resolve_dtype
 from llmcxr_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_file
 from llmcxr_jax.tokenizer import LAYOUT_FILE
 from vqgan_flax.json_object import read_json_object
@@ -63,8 +63,9 @@ def _t(x: np.ndarray) -> np.ndarray:
 def conversion_table(cfg: GPTNeoXConfig) -> list[Row]:
     """The mapping for a config; HF Linear weights are (out, in), ours are (in, ..., out)."""
     V, E, N, H, M = cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+    R = cfg.table_rows  # our embedding tables carry zero rows past the vocabulary (GPTNeoXConfig.vocab_multiple)
     rows = [
-        Row(("embed_in",), "gpt_neox.embed_in.weight", (V, E), _same, _same),
+        Row(("embed_in",), "gpt_neox.embed_in.weight", (V, E), lambda w: pad_vocab(w, R, 0), lambda a: a[:V]),
         Row(("final_ln_scale",), "gpt_neox.final_layer_norm.weight", (E,), _same, _same),
         Row(("final_ln_bias",), "gpt_neox.final_layer_norm.bias", (E,), _same, _same),
         Row(("layers", "ln1_scale"), LAYER + "input_layernorm.weight", (E,), _same, _same),
@@ -85,7 +86,8 @@ def conversion_table(cfg: GPTNeoXConfig) -> list[Row]:
         Row(("layers", "down_bias"), LAYER + "mlp.dense_4h_to_h.bias", (E,), _same, _same),
     ]
     if not cfg.tie_word_embeddings:
-        rows.append(Row(("embed_out",), "embed_out.weight", (V, E), _t, _t))
+        rows.append(Row(("embed_out",), "embed_out.weight", (V, E), lambda w: pad_vocab(w.T, R, 1),
+                        lambda a: a[:, :V].T))
     return rows
 
 

@@ -90,7 +90,7 @@ def chunked_statistics(model: GPTNeoX, input_ids: jax.Array, loss_weights: jax.A
 
     scales = jnp.ones((B,), jnp.float32) if scales is None else scales.astype(jnp.float32)
     loss, stats = _chunked_head_loss(chunks(h), model.head_kernel(), chunks(targets), chunks(weights), scales,
-                                     image_offset)
+                                     image_offset, model.config.vocab_size)
     return {"loss": loss, **stats}
 
 
@@ -98,9 +98,20 @@ def _zero_statistics(batch: int) -> dict[str, jax.Array]:
     return {"seq_loss": jnp.zeros((batch,), jnp.float32), **{k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _table_logits(h: jax.Array, kernel: jax.Array, vocab_size: int) -> jax.Array:
+    """`lm_head` over the whole embedding table, the padding's columns (past `vocab_size`) at -inf.
+
+    Masked rather than sliced off, the logits keep the table's width, which divides evenly over a tensor axis.
+    """
+    logits = lm_head(h, kernel)
+    if logits.shape[-1] == vocab_size:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _chunked_head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, scales: jax.Array,
-                       image_offset: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       image_offset: int, vocab_size: int) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(Σ_b scales_b · seq_loss_b, statistics) of chunks (n, B, chunk, ...) of hidden states, targets, weights.
 
     A fused linear cross-entropy: differentiated, its forward pass also forms d loss / d h and d loss / d kernel
@@ -110,13 +121,14 @@ def _chunked_head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, weig
     """
     def body(total, xs):
         hc, tc, wc = xs
-        return jax.tree.map(jnp.add, total, target_statistics(lm_head(hc, kernel), tc, wc, image_offset)), None
+        logits = _table_logits(hc, kernel, vocab_size)
+        return jax.tree.map(jnp.add, total, target_statistics(logits, tc, wc, image_offset)), None
 
     stats = jax.lax.scan(body, _zero_statistics(scales.shape[0]), (h, targets, weights))[0]
     return (stats["seq_loss"] * scales).sum(), stats
 
 
-def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset):
+def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset, vocab_size):
     # Sharded over devices, the kernel is gathered once for every chunk, and each batch shard sums its own rows'
     # part of the kernel's gradient over the chunks (a leading `shards` axis), reduced across devices once after
     # the loop. Left to sharding propagation, XLA:GPU gathered the kernel and reduce-scattered its fp32 gradient
@@ -131,7 +143,7 @@ def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset):
     def body(carry, xs):
         total, kernel_grad = carry
         hc, tc, wc = xs
-        logits = lm_head(hc, compute_kernel)
+        logits = _table_logits(hc, compute_kernel, vocab_size)
         total = jax.tree.map(jnp.add, total, target_statistics(logits, tc, wc, image_offset))
         row_weights = (wc * scales[:, None])[..., None]
         logits_grad = (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(tc, logits.shape[-1])) * row_weights
@@ -148,7 +160,7 @@ def _chunked_head_loss_fwd(h, kernel, targets, weights, scales, image_offset):
     return (loss, stats), (h_grad, kernel_grad.sum(0).astype(kernel.dtype))
 
 
-def _chunked_head_loss_bwd(image_offset, residuals, cotangents):
+def _chunked_head_loss_bwd(image_offset, vocab_size, residuals, cotangents):
     h_grad, kernel_grad = residuals
     loss_cotangent = cotangents[0]  # the statistics' cotangents are ignored: they carry no gradient
     return ((h_grad * loss_cotangent).astype(h_grad.dtype), (kernel_grad * loss_cotangent).astype(kernel_grad.dtype),
@@ -272,7 +284,8 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
     if config.init.hf_dir:
         def initial_state(shardings):
             trainer.announce(f"stage {config.stage} starts from the Hugging Face weights in {config.init.hf_dir}")
-            model = convert.load_hf_model(config.init.hf_dir, mesh=mesh, rules=rules, **runtime)
+            model = convert.load_hf_model(config.init.hf_dir, mesh=mesh, rules=rules, **runtime,
+                                          vocab_multiple=model_cfg.vocab_multiple)
             if model.config.vocab_size < model_cfg.vocab_size:
                 model = extend_vocab(model, model_cfg.vocab_size, nnx.Rngs(config.seed))
             _require_same_model(model.config, model_cfg, config.init.hf_dir)
@@ -327,6 +340,11 @@ def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: st
         hint = (": an unextended text model such as dolly-v2-3b starts stage 1 from its HF directory "
                 "(init.hf_dir), which extends the vocabulary" if found_vocab < want_vocab else "")
         raise ValueError(f"{source}: vocabulary size {found_vocab} differs from this run's {want_vocab}{hint}")
+    found_multiple = found["model_config"].get("vocab_multiple", 1)
+    want_multiple = expected["model_config"]["vocab_multiple"]
+    if found_multiple != want_multiple:
+        raise ValueError(f"{source}: its embedding tables are padded to a multiple of {found_multiple} rows, this "
+                         f"run's to {want_multiple}; set --config.model.vocab_multiple={found_multiple}")
     for key in COMPATIBILITY_KEYS:
         if key in expected and found.get(key) != expected[key]:
             raise ValueError(f"{source}: {key} is {found.get(key)!r}, this run expects {expected[key]!r}")

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llmcxr_jax import parallel
@@ -75,6 +76,10 @@ class GPTNeoXConfig:
     param_dtype: str = "float32"
     attention_impl: str = "auto"  # see _attention
     remat_policy: str = "none"
+    # The embedding tables hold `table_rows` = vocab_size rounded up to a multiple of this, the rows past
+    # vocab_size zero and their logits excluded, so that the tables split evenly over a tensor axis (51,305 =
+    # 5·31·331 divides by none) and the LM head's matmuls have aligned shapes. HF exports carry vocab_size rows.
+    vocab_multiple: int = 128
 
     HF_FIELDS = (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -92,6 +97,8 @@ class GPTNeoXConfig:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +107,11 @@ class GPTNeoXConfig:
     @property
     def rotary_dims(self) -> int:
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def table_rows(self) -> int:
+        """Rows of the embedding tables: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def replace(self, **changes: Any) -> GPTNeoXConfig:
         return dataclasses.replace(self, **changes)
@@ -164,6 +176,21 @@ class KVCache(NamedTuple):
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _vocab_param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], rows: int,
+                 dtype) -> nnx.Param:
+    """`_param` of the vocabulary's `shape`, zero-padded to `rows` along its "vocab" axis (the draw does not
+    depend on the padding)."""
+    axis = axes.index("vocab")
+    return nnx.Param(pad_vocab(_param(rngs, std, shape, axes, dtype)[...], rows, axis), logical_axes=axes)
+
+
+def pad_vocab(table: Any, rows: int, vocab_axis: int) -> Any:
+    """`table` (numpy or jax) with zeros appended along `vocab_axis` up to `rows` entries."""
+    widths = [(0, 0)] * table.ndim
+    widths[vocab_axis] = (0, rows - table.shape[vocab_axis])
+    return (jnp if isinstance(table, jax.Array) else np).pad(table, widths)
 
 
 def _const(value: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
@@ -343,12 +370,13 @@ class GPTNeoX(nnx.Module):
     def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs):
         self.config = config
         dt, std = resolve_dtype(config.param_dtype), config.initializer_range
-        E, V = config.hidden_size, config.vocab_size
-        self.embed_in = _param(rngs, std, (V, E), ("vocab", "embed"), dt)
+        E, V, R = config.hidden_size, config.vocab_size, config.table_rows
+        self.embed_in = _vocab_param(rngs, std, (V, E), ("vocab", "embed"), R, dt)
         self.layers = LayerStack(config, rngs)
         self.final_ln_scale = _const(1.0, (E,), ("norm",), dt)
         self.final_ln_bias = _const(0.0, (E,), ("norm",), dt)
-        self.embed_out = None if config.tie_word_embeddings else _param(rngs, std, (E, V), ("embed", "vocab"), dt)
+        self.embed_out = (None if config.tie_word_embeddings
+                          else _vocab_param(rngs, std, (E, V), ("embed", "vocab"), R, dt))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Full forward. Without `attention_mask` the mask is plain causal (right padding is harmless then)."""
@@ -397,13 +425,19 @@ class GPTNeoX(nnx.Module):
         return h if cache is None else (h, new_kv)
 
     def head_kernel(self) -> jax.Array:
-        """The LM head as (embed, vocab): untied `embed_out`, or `embed_in`ᵀ when tied."""
+        """The LM head as (embed, table_rows): untied `embed_out`, or `embed_in`ᵀ when tied."""
         return self.embed_in[...].T if self.embed_out is None else self.embed_out[...]
 
     def logits(self, h: jax.Array, vocab_range: tuple[int, int] | None = None) -> jax.Array:
-        """fp32 logits over the whole vocabulary, or over the ids in `vocab_range = (start, stop)` only."""
+        """fp32 logits over the whole vocabulary, or over the ids in `vocab_range = (start, stop)` only.
+
+        The whole table's logits are computed and the padding's columns dropped after: slicing the kernel instead
+        would copy it (or gather it, when split over devices) on every call.
+        """
         kernel = self.head_kernel()
-        return lm_head(h, kernel if vocab_range is None else kernel[:, vocab_range[0]:vocab_range[1]])
+        if vocab_range is None:
+            return lm_head(h, kernel)[..., :self.config.vocab_size]
+        return lm_head(h, kernel[:, vocab_range[0]:vocab_range[1]])
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache in the compute dtype for `max_length` positions per row."""
@@ -471,17 +505,19 @@ def extend_vocab(model: GPTNeoX, new_vocab_size: int, rngs: nnx.Rngs) -> GPTNeoX
     cfg = model.config
     if new_vocab_size < cfg.vocab_size:
         raise ValueError(f"new vocabulary size {new_vocab_size} is smaller than the model's {cfg.vocab_size}")
-    new_rows = new_vocab_size - cfg.vocab_size
-    std = cfg.initializer_range
-    old_in = model.embed_in[...]
-    grown_in = jnp.concatenate(
-        [old_in, std * jax.random.normal(rngs.params(), (new_rows, cfg.hidden_size), old_in.dtype)], axis=0)
-    model.embed_in = nnx.Param(grown_in, logical_axes=("vocab", "embed"))
-    if model.embed_out is not None:
-        old_out = model.embed_out[...]
-        grown_out = jnp.concatenate(
-            [old_out, std * jax.random.normal(rngs.params(), (cfg.hidden_size, new_rows), old_out.dtype)], axis=1)
-        model.embed_out = nnx.Param(grown_out, logical_axes=("embed", "vocab"))
-    model.config = cfg.replace(vocab_size=new_vocab_size)
-    return model
+    grown_cfg = cfg.replace(vocab_size=new_vocab_size)
 
+    def grown(table: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+        axis = axes.index("vocab")
+        kept = jax.lax.slice_in_dim(table, 0, cfg.vocab_size, axis=axis)
+        shape = list(kept.shape)
+        shape[axis] = new_vocab_size - cfg.vocab_size
+        drawn = cfg.initializer_range * jax.random.normal(rngs.params(), tuple(shape), table.dtype)
+        return nnx.Param(pad_vocab(jnp.concatenate([kept, drawn], axis=axis), grown_cfg.table_rows, axis),
+                         logical_axes=axes)
+
+    model.embed_in = grown(model.embed_in[...], ("vocab", "embed"))
+    if model.embed_out is not None:
+        model.embed_out = grown(model.embed_out[...], ("embed", "vocab"))
+    model.config = grown_cfg
+    return model

@@ -15,7 +15,7 @@ from hf_reference import hf_logits, save_hf, tiny_hf_model
 from llmcxr_jax import checkpoint, convert, parallel
 from llmcxr_jax.convert import ConversionError, load_hf_model, save_hf_model
 
-IDS = np.random.default_rng(0).integers(0, 96, (2, 13))
+IDS = np.random.default_rng(0).integers(0, 90, (2, 13))  # valid for every vocabulary below
 
 
 def _assert_same_logits(ours, hf):
@@ -86,8 +86,36 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     hf = tiny_hf_model(seed=4)
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     ours = load_hf_model(tmp_path / "hf", dtype="bfloat16")
-    np.testing.assert_array_equal(np.asarray(ours.embed_in[...].astype(jnp.float32)),
-                                  hf.gpt_neox.embed_in.weight.detach().float().numpy())
+    table = np.asarray(ours.embed_in[...].astype(jnp.float32))
+    np.testing.assert_array_equal(table[:96], hf.gpt_neox.embed_in.weight.detach().float().numpy())
+    assert table.shape == (128, 32) and not table[96:].any()  # zero rows up to a multiple of vocab_multiple
+
+
+def test_vocabulary_splits_over_a_tensor_axis(tmp_path):
+    """A vocabulary such as LLM-CXR's 51,305 (= 5·31·331), or 90 here, divides by no tensor axis of 8; the padded
+    tables (128 rows here) shard over `tensor`, and logits and exported weights stay HF's."""
+    hf = tiny_hf_model(seed=5, vocab_size=90)
+    mesh = parallel.make_mesh((1, 1, 8))
+    ours = load_hf_model(save_hf(hf, tmp_path / "hf"), mesh=mesh)
+    assert ours.embed_in[...].sharding.spec[0] == "tensor" and ours.embed_out[...].sharding.spec[1] == "tensor"
+    assert ours.embed_in[...].addressable_shards[0].data.shape == (16, 32)
+    _assert_same_logits(ours, hf)
+    save_hf_model(ours, tmp_path / "out")
+    _assert_same_logits(ours, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval())
+
+
+def test_checkpoint_from_before_vocab_padding_loads(tmp_path):
+    """meta.json without `vocab_multiple` describes unpadded tables (written before padding existed)."""
+    hf = tiny_hf_model(seed=8, vocab_size=90)
+    unpadded = load_hf_model(save_hf(hf, tmp_path / "hf"), vocab_multiple=1)
+    assert unpadded.embed_in[...].shape == (90, 32)
+    checkpoint.save_model(unpadded, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    del meta["model_config"]["vocab_multiple"]
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    restored = checkpoint.load_model(tmp_path / "ckpt")
+    assert restored.config.vocab_multiple == 1 and restored.embed_in[...].shape == (90, 32)
+    _assert_same_logits(restored, hf)
 
 
 def test_load_directly_onto_a_mesh(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 
 from hf_reference import save_hf, tiny_hf_model
 from llmcxr_jax import prompts
-from llmcxr_jax.model import GPTNeoX
+from llmcxr_jax.model import GPTNeoX, pad_vocab
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 REPORTS = [
@@ -45,5 +45,6 @@ def constant_logits(model: GPTNeoX, logits: np.ndarray) -> GPTNeoX:
     hidden = model.config.hidden_size
     model.final_ln_scale[...] = jnp.zeros((hidden,))
     model.final_ln_bias[...] = jnp.zeros((hidden,)).at[0].set(1.0)
-    model.embed_out[...] = jnp.zeros((hidden, model.config.vocab_size)).at[0].set(jnp.asarray(logits, jnp.float32))
+    row0 = jnp.zeros((hidden, model.config.vocab_size)).at[0].set(jnp.asarray(logits, jnp.float32))
+    model.embed_out[...] = pad_vocab(row0, model.config.table_rows, 1)
     return model

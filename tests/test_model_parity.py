@@ -150,10 +150,14 @@ def test_vocab_extension_matches_resize_token_embeddings(tmp_path):
     extend_vocab(ours, old_vocab + 25, nnx.Rngs(0))
     hf_in = hf.gpt_neox.embed_in.weight.detach().numpy()
     hf_out = hf.get_output_embeddings().weight.detach().numpy()
-    assert ours.embed_in[...].shape == hf_in.shape and ours.embed_out[...].T.shape == hf_out.shape
+    rows = ours.config.table_rows  # our tables are padded with zero rows (vocab_multiple)
+    assert rows % 128 == 0 and hf_in.shape[0] < rows < hf_in.shape[0] + 128
+    assert ours.embed_in[...].shape == (rows, hf_in.shape[1]) and ours.embed_out[...].T.shape == (rows, hf_in.shape[1])
     np.testing.assert_array_equal(np.asarray(ours.embed_in[...])[:old_vocab], hf_in[:old_vocab])
     np.testing.assert_array_equal(np.asarray(ours.embed_out[...]).T[:old_vocab], hf_out[:old_vocab])
-    new_rows = np.asarray(ours.embed_in[...])[old_vocab:]
+    assert not np.asarray(ours.embed_in[...])[hf_in.shape[0]:].any()
+    assert not np.asarray(ours.embed_out[...])[:, hf_in.shape[0]:].any()
+    new_rows = np.asarray(ours.embed_in[...])[old_vocab:hf_in.shape[0]]
     assert 0.01 < new_rows.std() < 0.03 and abs(new_rows.mean()) < 0.01
     assert ours.config.vocab_size == old_vocab + 25
     ids = jnp.asarray(_ids(1, 8, old_vocab, seed=9))  # new rows are random on both sides
@@ -171,7 +175,7 @@ def test_dolly_v2_3b_parameter_count_matches_transformers():
         hf_before = sum(p.numel() for p in hf.parameters())
         hf.resize_token_embeddings(51305, mean_resizing=False)
         hf_after = sum(p.numel() for p in hf.parameters())
-    cfg = GPTNeoXConfig(**{k: v for k, v in dolly.items()})
+    cfg = GPTNeoXConfig(**dolly, vocab_multiple=1)
 
     def count(c):
         return sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: GPTNeoX(c, rngs=nnx.Rngs(0))),
@@ -179,4 +183,6 @@ def test_dolly_v2_3b_parameter_count_matches_transformers():
 
     assert count(cfg) == hf_before
     assert count(cfg.replace(vocab_size=51305)) == hf_after
+    padded = cfg.replace(vocab_size=51305, vocab_multiple=128)  # the default: 23 zero rows in each table
+    assert padded.table_rows == 51328 and count(padded) == hf_after + 2 * 23 * 2560
     assert 2.77e9 < hf_after < 2.79e9

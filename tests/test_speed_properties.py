@@ -15,7 +15,7 @@ from llmcxr_jax import aot, lm_task, parallel, sampling, train, trainer
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 from train_helpers import load_config, mesh_of, tiny_task
 
-CFG = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+CFG = GPTNeoXConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
 def _batch(B, T, vocab, seed=0):
@@ -41,16 +41,20 @@ def test_chunked_statistics_and_gradients_equal_the_full_ones():
         np.testing.assert_allclose(np.asarray(chunked[key]), np.asarray(full[key]), rtol=1e-5, atol=1e-5, err_msg=key)
     # the fused linear cross-entropy's gradients (formed in its forward pass) against autodiff of the full logits
     grad = lambda chunk: jax.grad(lambda p: 3.0 * stats(p, chunk)["loss"])(params)  # noqa: E731
-    for a, b in zip(jax.tree.leaves(grad(0)), jax.tree.leaves(grad(8))):
+    chunked_grad = grad(8)
+    for a, b in zip(jax.tree.leaves(grad(0)), jax.tree.leaves(chunked_grad)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    # the tables' 8 padding rows (120 ids, 128 rows) get no gradient, so they stay zero under AdamW
+    head_grad = np.asarray(chunked_grad["embed_out"][...])
+    assert not head_grad[:, 120:].any() and head_grad[:, :120].any()
 
 
 def _compiled_step_text(chunk: int, vocab: int, B: int, T: int, dtype: str = "float32", compile: bool = True,
                         debug_info: bool = False, mesh_shape: tuple[int, int, int] = (1, 1, 1),
-                        topology: str = "") -> str:
+                        topology: str = "", vocab_multiple: int = 128) -> str:
     """The train step of configs/stage1.py:tiny, compiled for this host's devices or for `topology`'s (h100:8)."""
     config = load_config("stage1")
-    config.model.update(vocab_size=vocab, dtype=dtype)
+    config.model.update(vocab_size=vocab, dtype=dtype, vocab_multiple=vocab_multiple)
     config.train.update(loss_chunk=chunk, global_batch_size=B)
     mesh = parallel.make_mesh(mesh_shape, devices=aot.topology_devices(topology)) if topology else mesh_of(mesh_shape)
     shapes = {"input_ids": ((B, T), jnp.int32), "loss_weights": ((B, T), jnp.float32)}
@@ -95,6 +99,18 @@ def test_the_fsdp_sharded_lm_head_is_gathered_and_its_gradient_reduced_once_per_
         if collective and f",{V}]" in collective.group(1):
             found.append((collective.group(2), computation))
     assert sorted(found) == [("all-gather", "entry"), (reduction, "entry")], found  # XLA:CPU: an all-reduce
+
+
+def test_the_lm_head_splits_its_columns_over_a_tensor_axis():
+    """On (1, 1, 8) each device computes the logits of its eighth of the padded table: 4,001 ids (divisible by no
+    tensor axis, as LLM-CXR's 51,305) take 4,096 rows, 512 a device. Unpadded, every device ran the whole head."""
+    def head_dots(vocab_multiple: int) -> set[str]:  # (chunk rows = 8 sequences x 16 positions, columns)
+        text = _compiled_step_text(16, 4001, 8, 64, mesh_shape=(1, 1, 8), vocab_multiple=vocab_multiple)
+        return set(re.findall(r"= f32\[128,(\d+)\]\S* dot\(", text))
+
+    assert "4001" in head_dots(1)  # the check sees an unsplit head
+    split = head_dots(128)  # (64 columns: the hidden states' gradient)
+    assert "512" in split and not split & {"4001", "4096"}, split
 
 
 def _dot_sources(text: str) -> list[tuple[str, str]]:
@@ -178,9 +194,9 @@ def _decode_dot_shapes(allowed: tuple[int, int] | None) -> list[str]:
 
 def test_image_decoding_computes_logits_for_the_allowed_ids_only():
     """Report→CXR decodes only image codes: the LM head reads 1,024 of its 51k columns and top-p ranks 1,024."""
-    assert "2x1x3000" in _decode_dot_shapes(None)  # the check sees the full head when it is there
+    assert "2x1x3072" in _decode_dot_shapes(None)  # the check sees the full head (its padded table) when it is there
     shapes = _decode_dot_shapes((1000, 1256))
-    assert "2x1x256" in shapes and not any(s.endswith("x3000") for s in shapes), shapes
+    assert "2x1x256" in shapes and not any(s.endswith("x3072") for s in shapes), shapes
 
 
 @pytest.mark.parametrize("policy,forwards", [("dots_no_batch", 1), ("dots", 1), ("full", 2), ("none", 1)])

@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import vqgan_flax
 
 from llmcxr_jax import aot, checkpoint, parallel, train
-from train_helpers import ROOT, saved_params
+from train_helpers import ROOT, load_config, saved_params
 
 TINY = str(ROOT / "configs/stage1.py:tiny")
 
@@ -107,6 +108,28 @@ def test_dry_run_of_the_full_model_on_8_fake_devices_shards_state_to_an_eighth()
     assert 30 < total < 32  # 2.78B fp32 params + two fp32 Adam moments
     assert _gib(out, "per device       arguments") <= total / 8 * 1.05
     assert "not a guarantee for a GPU" in out
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 8), (1, 2, 4)])
+def test_full_model_state_splits_to_an_eighth_on_tensor_meshes(mesh_shape):
+    """LLM-CXR's 51,305 ids divide by no tensor axis > 1: unpadded, the embedding tables and their Adam moments
+    were split over fsdp only, or replicated (6.46 GiB per device on (1, 1, 8)); padded to 51,328 rows they split
+    like every other weight."""
+    from flax import nnx
+
+    from llmcxr_jax import lm_task, optim
+    from llmcxr_jax.model import GPTNeoX
+
+    config = load_config("stage1", "")
+    cfg = lm_task.model_config_from(config)
+    assert cfg.vocab_size == 51305 and cfg.table_rows == 51328
+    tx, _ = optim.make_optimizer(config.optim, 100)
+    state = nnx.state(nnx.eval_shape(lambda: lm_task.LMTrainState(GPTNeoX(cfg, rngs=nnx.Rngs(0)), tx)))
+    shardings = parallel.state_shardings(state, parallel.make_mesh(mesh_shape))
+    leaves = list(zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
+    total = sum(a.size * a.dtype.itemsize for a, _ in leaves)
+    per_device = sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in leaves)
+    assert 30 * 2**30 < total < 32 * 2**30 and per_device <= total / 8 * 1.005
 
 
 @pytest.mark.parametrize("topology", ["v5p:2x2x2", "v5p:4x4x4"])
