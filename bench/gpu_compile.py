@@ -156,6 +156,7 @@ def train_step_hlo(batch: int, seq_len: int, variant: str = "", attention: str =
     config.train.update(global_batch_size=batch, num_steps=1)
     config.model.attention_impl = "xla"
     mesh = train.topology_mesh("h100:1", config.mesh.shape)
+    train.check_config(config, mesh)  # e.g. an odd --batch, which loss_mode "original" cannot group in pairs
     rules = parallel.DEFAULT_RULES
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=1,
                               metadata={"stage": 1, **train.token_metadata(config), "vqgan_fingerprint": ""})
