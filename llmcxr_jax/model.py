@@ -78,7 +78,7 @@ class GPTNeoXConfig:
     remat_policy: str = "none"
     # The embedding tables hold `table_rows` = vocab_size rounded up to a multiple of this, the rows past
     # vocab_size zero and their logits excluded, so that the tables split evenly over a tensor axis (51,305 =
-    # 5·31·331 divides by none) and the LM head's matmuls have aligned shapes. HF exports carry vocab_size rows.
+    # 5·31·331 divides by none). HF exports carry vocab_size rows.
     vocab_multiple: int = 128
 
     HF_FIELDS = (
