@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from llmcxr_jax import aot, lm_task, parallel, sampling, train, trainer
+from llmcxr_jax import model as model_module
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
 from train_helpers import load_config, mesh_of, tiny_task
 
@@ -138,6 +139,31 @@ def test_bf16_compute_asks_for_bf16_matmuls_forward_and_backward():
     assert len(dots) > 10
     assert all('"_attention"' in where for _, where in not_bf16), not_bf16
     assert len(not_bf16) <= 2  # the scores' gradient against q and k
+
+
+def test_bias_gradients_accumulate_in_fp32_in_the_h100_program(monkeypatch):
+    """The bf16 step's bias gradients sum their rows in fp32 (torch does too). Differentiated as `x + bias`,
+    XLA:GPU's program summed them in bf16 (XLA:CPU computes bf16 in fp32, so only the GPU program shows it)."""
+    def bf16_reduces() -> list[str]:
+        with jax.default_matmul_precision("default"):
+            text = _compiled_step_text(16, 256, 8, 32, dtype="bfloat16", topology="h100:1")
+        return re.findall(r"= bf16\[[0-9,]*\]\S* reduce\(", text)
+
+    assert not bf16_reduces()
+    monkeypatch.setattr(model_module, "add_bias", lambda x, bias: x + bias)
+    assert bf16_reduces()  # the check sees them when they are there
+
+
+def test_add_bias_gradient_is_the_fp32_row_sum():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(64, 32, 6)), jnp.bfloat16)
+    bias = jnp.asarray(rng.normal(size=(6,)), jnp.bfloat16)
+    upstream = jnp.asarray(rng.normal(size=(64, 32, 6)), jnp.bfloat16)
+    out, vjp = jax.vjp(model_module.add_bias, x, bias)
+    x_grad, bias_grad = vjp(upstream)
+    assert (out == x + bias).all() and (x_grad == upstream).all() and bias_grad.dtype == jnp.bfloat16
+    expected = np.asarray(upstream, np.float32).sum((0, 1)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(bias_grad), expected)
 
 
 def test_lm_head_gradients_equal_autodiff_in_fp32_and_stay_close_in_bf16():
