@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     h2o.add_argument("hf_dir")
     h2o.add_argument("ckpt_dir")
     h2o.add_argument("--dtype", default="float32", help="parameter dtype to store (float32, bfloat16, float16)")
+    h2o.add_argument("--vocab_multiple", type=int, default=GPTNeoXConfig.vocab_multiple,
+                     help="pad the embedding tables to a multiple of this many rows (the training config's "
+                          "model.vocab_multiple; 1 = none)")
     o2h = sub.add_parser("orbax-to-hf", help="Orbax parameter checkpoint → HF directory (config.json + safetensors)")
     o2h.add_argument("ckpt_dir")
     o2h.add_argument("hf_dir")
@@ -323,7 +326,7 @@ def _convert(args: argparse.Namespace) -> None:
         target = Path(args.ckpt_dir)
         if target.exists() and any(target.iterdir()):  # Orbax would replace what is there without a word
             raise ConversionError(f"{target}: not empty; write to an empty directory")
-        model = load_hf_model(args.hf_dir, dtype=args.dtype)
+        model = load_hf_model(args.hf_dir, dtype=args.dtype, vocab_multiple=args.vocab_multiple)
         carried = read_hf_metadata(Path(args.hf_dir))
         checkpoint.save_model(model, args.ckpt_dir,
                               extra_metadata={**carried, "converted_from": str(Path(args.hf_dir))})

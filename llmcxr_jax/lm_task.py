@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from llmcxr_jax import parallel, trainer
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, lm_head, table_rows
 
 LOSS_MODES = ("global", "original")
 BATCH_AXES = {"input_ids": ("batch", "length"), "loss_weights": ("batch", "length")}
@@ -340,11 +340,12 @@ def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: st
         hint = (": an unextended text model such as dolly-v2-3b starts stage 1 from its HF directory "
                 "(init.hf_dir), which extends the vocabulary" if found_vocab < want_vocab else "")
         raise ValueError(f"{source}: vocabulary size {found_vocab} differs from this run's {want_vocab}{hint}")
-    found_multiple = found["model_config"].get("vocab_multiple", 1)
-    want_multiple = expected["model_config"]["vocab_multiple"]
-    if found_multiple != want_multiple:
-        raise ValueError(f"{source}: its embedding tables are padded to a multiple of {found_multiple} rows, this "
-                         f"run's to {want_multiple}; set --config.model.vocab_multiple={found_multiple}")
+    found_multiple = found["model_config"].get("vocab_multiple", 1)  # absent: written before padding existed
+    found_rows = table_rows(found_vocab, found_multiple)
+    want_rows = table_rows(want_vocab, expected["model_config"]["vocab_multiple"])
+    if found_rows != want_rows:
+        raise ValueError(f"{source}: its embedding tables have {found_rows} rows (vocab_multiple={found_multiple}), "
+                         f"this run's {want_rows}; set --config.model.vocab_multiple={found_multiple}")
     for key in COMPATIBILITY_KEYS:
         if key in expected and found.get(key) != expected[key]:
             raise ValueError(f"{source}: {key} is {found.get(key)!r}, this run expects {expected[key]!r}")

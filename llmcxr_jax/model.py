@@ -55,6 +55,11 @@ def resolve_dtype(name: str) -> jnp.dtype:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
+def table_rows(vocab_size: int, vocab_multiple: int) -> int:
+    """Rows of the embedding tables: `vocab_size` rounded up to a multiple of `vocab_multiple`."""
+    return -(-vocab_size // vocab_multiple) * vocab_multiple
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTNeoXConfig:
     """HF GPT-NeoX fields (same names) plus runtime fields that never go into an HF `config.json`."""
@@ -110,8 +115,7 @@ class GPTNeoXConfig:
 
     @property
     def table_rows(self) -> int:
-        """Rows of the embedding tables: vocab_size rounded up to a multiple of vocab_multiple."""
-        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+        return table_rows(self.vocab_size, self.vocab_multiple)
 
     def replace(self, **changes: Any) -> GPTNeoXConfig:
         return dataclasses.replace(self, **changes)
@@ -460,7 +464,10 @@ class GPTNeoX(nnx.Module):
         kernel = self.head_kernel()
         if vocab_range is None:
             return lm_head(h, kernel)[..., :self.config.vocab_size]
-        return lm_head(h, kernel[:, vocab_range[0]:vocab_range[1]])
+        start, stop = vocab_range
+        if not 0 <= start < stop <= self.config.vocab_size:  # past vocab_size lie the table's zero padding rows
+            raise ValueError(f"vocab_range {vocab_range} is not a range of ids in [0, {self.config.vocab_size})")
+        return lm_head(h, kernel[:, start:stop])
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache in the compute dtype for `max_length` positions per row."""

@@ -136,6 +136,10 @@ def test_cli_hf_to_orbax_and_back(tmp_path):
     _assert_same_logits(restored, transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf2").eval())
     with pytest.raises(SystemExit, match=r"^error: .*ckpt: not empty; write to an empty directory"):
         convert.main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "ckpt")])
+    convert.main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "unpadded"), "--vocab_multiple", "1"])
+    unpadded = checkpoint.load_model(tmp_path / "unpadded")  # for runs that keep model.vocab_multiple=1
+    assert restored.embed_in[...].shape == (128, 32) and unpadded.embed_in[...].shape == (96, 32)
+    _assert_same_logits(unpadded, hf)
     # a training workdir exports its latest step
     workdir = checkpoint.TrainCheckpoints(tmp_path / "run", every=1, keep=1, async_save=False)
     workdir.save(4, {"model": nnx.to_pure_dict(nnx.state(restored, nnx.Param))}, {},

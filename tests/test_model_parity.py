@@ -165,6 +165,17 @@ def test_vocab_extension_matches_resize_token_embeddings(tmp_path):
                                atol=1e-4, rtol=0)
 
 
+def test_logits_refuse_an_id_range_past_the_vocabulary():
+    """Past vocab_size lie the tables' zero padding rows, whose ids a sampler must never see."""
+    cfg = GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64)
+    model = GPTNeoX(cfg, rngs=nnx.Rngs(0))
+    h = jnp.ones((1, 1, 32))
+    assert model.logits(h).shape == (1, 1, 100) and model.logits(h, (90, 100)).shape == (1, 1, 10)
+    with pytest.raises(ValueError, match=r"vocab_range \(90, 101\) is not a range of ids in \[0, 100\)"):
+        model.logits(h, (90, 101))
+
+
 def test_dolly_v2_3b_parameter_count_matches_transformers():
     from transformers import GPTNeoXConfig as HFConfig, GPTNeoXForCausalLM
 

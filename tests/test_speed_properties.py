@@ -104,14 +104,18 @@ def test_the_fsdp_sharded_lm_head_is_gathered_and_its_gradient_reduced_once_per_
 
 def test_the_lm_head_splits_its_columns_over_a_tensor_axis():
     """On (1, 1, 8) each device computes the logits of its eighth of the padded table: 4,001 ids (divisible by no
-    tensor axis, as LLM-CXR's 51,305) take 4,096 rows, 512 a device. Unpadded, every device ran the whole head."""
-    def head_dots(vocab_multiple: int) -> set[str]:  # (chunk rows = 8 sequences x 16 positions, columns)
+    tensor axis, as LLM-CXR's 51,305) take 4,096 rows, 512 a device. Unpadded, every device ran the whole head.
+    No collective moves a table: the embedding lookup gathers locally and all-reduces the activations."""
+    def compiled(vocab_multiple: int) -> tuple[set[str], list[str]]:
         text = _compiled_step_text(16, 4001, 8, 64, mesh_shape=(1, 1, 8), vocab_multiple=vocab_multiple)
-        return set(re.findall(r"= f32\[128,(\d+)\]\S* dot\(", text))
+        head_columns = set(re.findall(r"= f32\[128,(\d+)\]\S* dot\(", text))  # 8 sequences x 16 positions
+        collectives = re.findall(r"= (\S+) (?:all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(", text)
+        return head_columns, collectives
 
-    assert "4001" in head_dots(1)  # the check sees an unsplit head
-    split = head_dots(128)  # (64 columns: the hidden states' gradient)
-    assert "512" in split and not split & {"4001", "4096"}, split
+    assert "4001" in compiled(1)[0]  # the check sees an unsplit head
+    head_columns, collectives = compiled(128)
+    assert "512" in head_columns and not head_columns & {"4001", "4096"}, head_columns  # (64: the input's gradient)
+    assert collectives and not [c for c in collectives if re.search(r"\b(4096|4001)\b", c)], collectives
 
 
 def _dot_sources(text: str) -> list[tuple[str, str]]:

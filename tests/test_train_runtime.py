@@ -226,6 +226,14 @@ def test_stage2_refuses_other_vocabulary_or_vqgan(tmp_path):
     task = tiny_task(stage2, mesh, 1)
     with pytest.raises(ValueError, match=r"vocabulary size 128 differs from this run's 144"):
         task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    stage2.model.update(vocab_size=128, vocab_multiple=256)  # tables of 256 rows, stage 1's have 128
+    task = tiny_task(stage2, mesh, 1)
+    with pytest.raises(ValueError, match=r"tables have 128 rows \(vocab_multiple=128\), this run's 256; set "
+                                         r"--config.model.vocab_multiple=128"):
+        task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    stage2.model.vocab_multiple = 1  # 128 ids need no padding: the same tables
+    task = tiny_task(stage2, mesh, 1)
+    task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
     stage2 = load_config("stage2")
     stage2.init.workdir = str(tmp_path / "s1")
     task = lm_task.build_task(stage2, mesh=mesh, rules=parallel.DEFAULT_RULES, total_steps=1,
