@@ -21,8 +21,9 @@ $(STAMP): setup.cfg constraints.txt
 	$(PY) -m pip install -q --no-deps taming-transformers==0.0.1
 	touch $(STAMP)
 
+# --durations: the slowest tests, so a CI log shows where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # XLA:CPU's YNNPACK fusions ran the demo's VQ-GAN convolutions ~30% slower than its default kernels (NOTES.md).
 demo: $(STAMP)
