@@ -542,7 +542,7 @@ def extend_vocab(model: GPTNeoX, new_vocab_size: int, rngs: nnx.Rngs) -> GPTNeoX
         kept = jax.lax.slice_in_dim(table, 0, cfg.vocab_size, axis=axis)
         shape = list(kept.shape)
         shape[axis] = new_vocab_size - cfg.vocab_size
-        drawn = cfg.initializer_range * jax.random.normal(rngs.params(), tuple(shape), table.dtype)
+        drawn = _param(rngs, cfg.initializer_range, tuple(shape), axes, table.dtype)[...]
         return nnx.Param(pad_vocab(jnp.concatenate([kept, drawn], axis=axis), grown_cfg.table_rows, axis),
                          logical_axes=axes)
 
