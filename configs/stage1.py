@@ -25,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # they split over a tensor axis; exported HF weights have 51,305 rows again.
     c.model = ml_collections.ConfigDict(dict(
         DOLLY_V2_3B, dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_no_batch",
-        vocab_multiple=128))
+        vocab_multiple=128, scan_layers=True))
     # Where the weights come from on a fresh run: an HF directory (stage 1) or a previous stage's workdir (stage 2).
     # Neither: an error, unless from_scratch (random weights; the tests' and the phantom demo's small models).
     # init.step: the step of init.workdir to start from; 0 = its latest, which must be the run's last step
@@ -69,7 +69,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # image input within the demo's budget (NOTES.md); dolly keeps rotary_pct=0.25. Adam b2 0.95, as LMs
         # trained from scratch usually take (the original fine-tunes with HF's 0.999).
         c.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                       max_position_embeddings=512, rotary_pct=1.0, dtype="float32", remat_policy="none")
+                       max_position_embeddings=512, rotary_pct=1.0, dtype="float32", remat_policy="none",
+                       scan_layers=False)
         c.data.update(dolly_builder="", lengths=(144, 152, 160, 192, 224), max_length=224)
         c.init.from_scratch = True  # stage 1 of the demo; its stage 2 starts from stage 1's workdir
         c.vqgan.update(grid=8, num_codes=256)

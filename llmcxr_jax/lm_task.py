@@ -280,7 +280,8 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
         return jax.jit(build, out_shardings=shardings)(params)
 
     initial_state = None
-    runtime = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl", "remat_policy")}
+    runtime = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl", "remat_policy",
+                                                  "scan_layers")}
     if config.init.hf_dir:
         def initial_state(shardings):
             trainer.announce(f"stage {config.stage} starts from the Hugging Face weights in {config.init.hf_dir}")

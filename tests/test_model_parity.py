@@ -70,6 +70,24 @@ def test_unstacked_layers_match_transformers(tmp_path, variant):
     np.testing.assert_array_equal(_greedy(ours, prompt, 16), ref)
 
 
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_unrolled_layer_loop_matches_transformers_and_the_scan(tmp_path, remat):
+    """scan_layers=False (the demo's training forward): HF's logits, and the scan's gradients."""
+    hf = tiny_hf_model(**VARIANTS["parallel_rot25_untied_h4"])
+    path = save_hf(hf, tmp_path / "hf")
+    looped, scanned = (load_hf_model(path, scan_layers=scan, remat_policy=remat) for scan in (False, True))
+    ids = jnp.asarray(_ids(2, 17, hf.config.vocab_size))
+    np.testing.assert_allclose(np.asarray(looped(ids)), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+    def grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jax.nn.log_softmax(nnx.merge(graphdef, p)(ids)).mean()  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads(looped), grads(scanned))
+    lowered = {m.config.scan_layers: jax.jit(lambda m: m(ids)).lower(m).as_text() for m in (looped, scanned)}
+    assert "stablehlo.while" in lowered[True] and "stablehlo.while" not in lowered[False]  # no stacked buffers
+
+
 def test_kv_cache_decoding_equals_full_forward_left_padded():
     cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64)
