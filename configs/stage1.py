@@ -37,7 +37,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         data_dir="", mimic_builder="mimic_cxr_llmcxr/stage1", vqa_builder="", dolly_builder="dolly15k",
         image_weight=0.8, dolly_weight=0.2,  # SPEC §7: MIMIC (+VQA) 0.8, Dolly 0.2, Dolly recycled
         lengths=(512, 1024, 1536, 2048), max_length=2048,
-        seq_len=1024))  # synthetic data and --dry_run only
+        seq_len=1024,  # synthetic data and --dry_run only
+        # Fraction of report→CXR records trained with an empty report, so that classifier-free guidance's
+        # unconditional twin is in distribution (not in the original: 0).
+        report_dropout=0.0))
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-6, schedule="log_warmup", warmup_steps=50, end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -71,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                        max_position_embeddings=512, rotary_pct=1.0, dtype="float32", remat_policy="none",
                        scan_layers=False)
-        c.data.update(dolly_builder="", lengths=(144, 152, 160, 192, 224), max_length=224)
+        c.data.update(dolly_builder="", lengths=(144, 152, 160, 192, 224), max_length=224, report_dropout=0.1)
         c.init.from_scratch = True  # stage 1 of the demo; its stage 2 starts from stage 1's workdir
         c.vqgan.update(grid=8, num_codes=256)
         c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=20, end_lr_fraction=0.1, b2=0.95)

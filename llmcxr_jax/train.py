@@ -176,7 +176,7 @@ def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None, str]
     sources, fingerprint = tfds_sources(config, "train")
     it = make_lm_iterator(sources, load_tokenizer(config), global_batch_size=config.train.global_batch_size,
                           seed=config.seed, weights=_weights(config, list(sources)), lengths=config.data.lengths,
-                          max_length=config.data.max_length)
+                          max_length=config.data.max_length, report_dropout=config.data.report_dropout)
     return it, it.batches_per_epoch, fingerprint
 
 

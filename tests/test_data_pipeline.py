@@ -121,6 +121,34 @@ def test_same_record_gives_the_same_tokens_every_epoch(tok):
     assert all(len(v) == 3 and v[0] == v[1] == v[2] for v in rows.values())
 
 
+def test_report_dropout_trains_the_samplers_unconditional_prompt(tok):
+    """With report_dropout, a fixed share of report→CXR records (never CXR→report ones) is trained on exactly
+    the prompt classifier-free guidance samples against: the same instruction with an empty report."""
+    from llmcxr_jax import prompts
+
+    records = mimic(400, n_codes=16)
+    plain = make_lm_iterator({"mimic": records}, tok, global_batch_size=8, process_index=0, process_count=1,
+                             lengths=LENGTHS, seed=3)
+    dropping = make_lm_iterator({"mimic": records}, tok, global_batch_size=8, process_index=0, process_count=1,
+                                lengths=LENGTHS, seed=3, report_dropout=0.25)
+    changed = 0
+    for a, b in zip(take(plain, plain.batches_per_epoch), take(dropping, dropping.batches_per_epoch)):
+        for ids_a, weights_a, ids_b, weights_b in zip(a["input_ids"], a["loss_weights"], b["input_ids"],
+                                                      b["loss_weights"]):
+            if np.array_equal(ids_a, ids_b):
+                continue
+            changed += 1
+            record = records[int(_TAG.search(tok.decode(ids_a[ids_a > 0])).group(2))]
+            assert record["direction"] == "report2cxr"
+            assert prompts.drops_report(3, record["dicom_id"], 0.25)
+            twin = prompts.generation_prompt_ids(tok, prompts.choose_instruction(3, record["dicom_id"], "report2cxr"),
+                                                 input_text="")
+            assert ids_b[:len(twin)].tolist() == twin
+            assert weights_b[:len(twin)].sum() == 0 and weights_b[len(twin)] == 1
+            assert np.array_equal(ids_b[weights_b > 0], ids_a[weights_a > 0])  # the same supervised image
+    assert 25 <= changed <= 75  # ~50 of the 200 report→CXR records
+
+
 def test_masking_padding_and_buckets(tok):
     it = make_lm_iterator({"mimic": mimic(10, n_codes=256), "dolly": dolly(4)}, tok, global_batch_size=6,
                           process_index=0, process_count=1, lengths=LENGTHS)

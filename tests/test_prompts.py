@@ -224,6 +224,18 @@ def test_choices_are_fixed_per_record_and_spread():
         prompts.choose_instruction(42, "x", "cxr")
 
 
+def test_report_dropout_is_fixed_per_record_and_near_its_fraction():
+    ids = [f"{i:08x}-dicom" for i in range(4000)]
+    dropped = [prompts.drops_report(42, r, 0.1) for r in ids]
+    assert dropped == [prompts.drops_report(42, r, 0.1) for r in ids]  # fixed across "epochs"
+    assert 340 < sum(dropped) < 460  # ~400
+    assert dropped != [prompts.drops_report(7, r, 0.1) for r in ids]  # the seed matters
+    assert not any(prompts.drops_report(42, r, 0.0) for r in ids)  # the original: never
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="report dropout fraction"):
+            prompts.drops_report(42, "x", bad)
+
+
 # ---- output post-processing (SPEC §10) ----------------------------------------------------------------------
 
 def test_response_text_between_keys(tok):

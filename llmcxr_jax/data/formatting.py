@@ -3,7 +3,8 @@
 Record fields (TFDS gives Text as bytes, in-memory lists may give str; both are accepted):
 - `mimic` (image/report; phantom records use this shape too): `dicom_id`, `report`, `codes` (flat ints in the
   VQ-GAN codebook), `direction` ("cxr2report" or "report2cxr"). The instruction is a pure function of
-  (seed, dicom_id, direction), so it is the same on every epoch, host and restart (SPEC §3).
+  (seed, dicom_id, direction), so it is the same on every epoch, host and restart (SPEC §3); so is whether a
+  report→CXR record drops its report (`report_dropout`, 0 in the original).
 - `vqa`: `question`, `answer`, `codes`.
 - `dolly`: `instruction`, `context` (may be empty), `response`.
 Formatters are module-level classes so that Grain can pickle them into worker processes.
@@ -25,16 +26,21 @@ def text(value: Any) -> str:
 
 
 class FormatImageReport:
-    """An image/report record as a CXR→report or report→CXR example, per its `direction`."""
+    """An image/report record as a CXR→report or report→CXR example, per its `direction`; `report_dropout` of
+    the report→CXR records (`prompts.drops_report`) get an empty report."""
 
-    def __init__(self, tokenizer: LlmCxrTokenizer, seed: int):
-        self.tokenizer, self.seed = tokenizer, seed
+    def __init__(self, tokenizer: LlmCxrTokenizer, seed: int, report_dropout: float = 0.0):
+        prompts.drops_report(seed, "", report_dropout)  # validates the fraction before any record is read
+        self.tokenizer, self.seed, self.report_dropout = tokenizer, seed, report_dropout
 
     def __call__(self, record: Mapping[str, Any]) -> prompts.Example:
-        direction = text(record["direction"])
-        instruction = prompts.choose_instruction(self.seed, text(record["dicom_id"]), direction)
-        build = prompts.cxr_to_report_example if direction == "cxr2report" else prompts.report_to_cxr_example
-        return build(self.tokenizer, text(record["report"]), record["codes"], instruction)
+        direction, dicom_id = text(record["direction"]), text(record["dicom_id"])
+        instruction = prompts.choose_instruction(self.seed, dicom_id, direction)
+        if direction == "cxr2report":
+            return prompts.cxr_to_report_example(self.tokenizer, text(record["report"]), record["codes"], instruction)
+        dropped = prompts.drops_report(self.seed, dicom_id, self.report_dropout)
+        report = "" if dropped else text(record["report"])
+        return prompts.report_to_cxr_example(self.tokenizer, report, record["codes"], instruction)
 
 
 class FormatVqa:
@@ -58,11 +64,12 @@ class FormatInstruction:
                                            text(record["response"]))
 
 
-def make_formatter(kind: str, tokenizer: LlmCxrTokenizer, seed: int,
+def make_formatter(kind: str, tokenizer: LlmCxrTokenizer, seed: int, report_dropout: float = 0.0,
                    ) -> FormatImageReport | FormatVqa | FormatInstruction:
-    """The formatter of a source kind (one of KINDS); `seed` fixes the image/report instructions."""
+    """The formatter of a source kind (one of KINDS); `seed` fixes the image/report instructions and which
+    report→CXR records drop their report (`report_dropout`, image/report records only)."""
     if kind == "mimic":
-        return FormatImageReport(tokenizer, seed)
+        return FormatImageReport(tokenizer, seed, report_dropout)
     if kind == "vqa":
         return FormatVqa(tokenizer)
     if kind == "dolly":

@@ -128,7 +128,7 @@ def _width_agreement(count: int) -> Callable[[int], int] | None:
 
 
 def _group(sources: Mapping[str, RecordSource], members: Sequence[str], tokenizer: LlmCxrTokenizer, seed: int,
-           part: slice) -> grain.MapDataset:
+           part: slice, report_dropout: float = 0.0) -> grain.MapDataset:
     """The formatted members of a group, sliced to `part`, concatenated in order."""
     parts = []
     for name in members:
@@ -136,7 +136,7 @@ def _group(sources: Mapping[str, RecordSource], members: Sequence[str], tokenize
         if len(ds) == 0:
             raise ValueError(f"source {name!r} has {len(sources[name])} records, too few to give one to "
                              f"each process (slice {part})")
-        parts.append(ds.map(make_formatter(name, tokenizer, seed)))
+        parts.append(ds.map(make_formatter(name, tokenizer, seed, report_dropout)))
     return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
 
 
@@ -144,12 +144,14 @@ def make_lm_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrToken
                      process_index: int | None = None, process_count: int | None = None,
                      seed: int = DEFAULT_SEED, weights: Mapping[str, float] | None = None,
                      lengths: Sequence[int] = DEFAULT_LENGTHS, max_length: int = DEFAULT_MAX_LENGTH,
-                     num_epochs: int | None = None) -> LmIterator:
-    """The training iterator of this process (`num_epochs=None`: endless). Processes default to JAX's."""
+                     num_epochs: int | None = None, report_dropout: float = 0.0) -> LmIterator:
+    """The training iterator of this process (`num_epochs=None`: endless). Processes default to JAX's.
+    `report_dropout`: the fraction of report→CXR records trained with an empty report (formatting.py)."""
     index, count, batch_size = process_share(global_batch_size, process_index, process_count)
     lengths = check_lengths(lengths, max_length)
     groups = resolve_groups(list(sources), weights)
-    datasets = [_group(sources, members, tokenizer, seed, slice(index, None, count)).shuffle(_seed(seed, 1, g))
+    datasets = [_group(sources, members, tokenizer, seed, slice(index, None, count), report_dropout)
+                .shuffle(_seed(seed, 1, g))
                 for g, (members, _) in enumerate(groups)]
     sizes = [sum(math.ceil(len(sources[m]) / count) for m in members) for members, _ in groups]
     mixed = mix_all_exhausted(datasets, [w for _, w in groups], sizes)

@@ -66,7 +66,8 @@ impressions. VQ-GAN: reconstruction PSNR {vq['psnr_test_db']:.1f} dB, perplexity
 {vq['codebook_usage_test']['perplexity']:.1f}.</p>
 <h2>Report → chest X-ray</h2>
 <p>Images are sampled as the original does (top-p 0.92), and again with classifier-free guidance at scale
-{results['guidance_scale']:g} against the same instruction with an empty report (not in the original).</p>
+{results['guidance_scale']:g} against the same instruction with an empty report, which the demo's LM also
+learned to draw from (report dropout; neither is in the original).</p>
 <table><tr><th>input report (impression)</th><th>generated</th><th>generated, guided</th><th>true image</th>
 <th>VQ-GAN reconstruction</th></tr>
 {''.join(rows_r2c)}</table>
