@@ -415,9 +415,9 @@ def load_language_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = No
         source = path / (HF_METADATA_FILE if meta else "config.json")
         return load_hf_model(path, dtype=dtype, mesh=mesh), meta, str(source)
     meta, source, step = checkpoint.latest_metadata(path, step)
-    # Training's attention and remat choices do not carry over: decoding's masks need "auto" (XLA for them).
+    # Training's attention, remat and layer-loop choices do not carry over: decoding's masks need "auto" (XLA).
     model = checkpoint.load_model(path, step=step, mesh=mesh, dtype=dtype, param_dtype=dtype, attention_impl="auto",
-                                  remat_policy="none")
+                                  remat_policy="none", scan_layers=True)
     return model, meta, source
 
 

@@ -1,8 +1,8 @@
 """GPT-NeoX in Flax NNX with the exact semantics of Hugging Face's PyTorch GPT-NeoX (see SPEC.md §1).
 
-Layers are stacked along a leading `layers` axis and applied with `jax.lax.scan` (or an unrolled loop over the
-stack, `scan_layers=False`), so compile time stays flat for 32 layers and this one parameter layout serves
-conversion, training, stage-2 seeding and sampling.
+Layers are stacked along a leading `layers` axis and applied with `jax.lax.scan`, so compile time stays flat for
+32 layers (small models may train with an unrolled loop over the stack, `scan_layers=False`), and this one
+parameter layout serves conversion, training, stage-2 seeding and sampling.
 Every parameter carries `logical_axes` metadata; `llmcxr_jax.parallel` maps those names to mesh axes.
 """
 
@@ -88,7 +88,8 @@ class GPTNeoXConfig:
     vocab_multiple: int = 128
     # Training's forward applies the stacked layers with a scan (compile time flat in depth) or, when False, with
     # an unrolled loop over their slices: for the demo's 4-layer LM on 2 CPU cores the loop skips zero-filling and
-    # writing the scan's stacked residual buffers and its step is ~10% faster (NOTES.md).
+    # writing the scan's stacked residual buffers and its step is ~10% faster (NOTES.md). Only without remat:
+    # inside the unrolled loop XLA merged the recomputation back and remat saved no memory.
     scan_layers: bool = True
 
     HF_FIELDS = (
@@ -107,6 +108,10 @@ class GPTNeoXConfig:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if not self.scan_layers and self.remat_policy != "none":
+            raise ValueError(f"scan_layers=False takes remat_policy='none' (got {self.remat_policy!r}): in the unrolled "
+                             "loop XLA merges the recomputation back, so remat saves no memory; keep scan_layers=True "
+                             "to use remat")
         if self.vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
 

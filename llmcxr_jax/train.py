@@ -160,6 +160,11 @@ def _weights(config: Any, kinds: list[str]) -> dict[str, float]:
     return weights
 
 
+def report_dropout(config: Any) -> float:
+    """`data.report_dropout`; 0 (the original) for config files written before it existed."""
+    return float(config.data.get("report_dropout", 0.0))
+
+
 def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None, str]:
     """The training iterator, the number of steps in one epoch when known, and the codes' VQ-GAN fingerprint."""
     if config.data.source == "synthetic":
@@ -176,7 +181,7 @@ def make_train_data(config: Any) -> tuple[trainer.DataIterator, int | None, str]
     sources, fingerprint = tfds_sources(config, "train")
     it = make_lm_iterator(sources, load_tokenizer(config), global_batch_size=config.train.global_batch_size,
                           seed=config.seed, weights=_weights(config, list(sources)), lengths=config.data.lengths,
-                          max_length=config.data.max_length, report_dropout=config.data.report_dropout)
+                          max_length=config.data.max_length, report_dropout=report_dropout(config))
     return it, it.batches_per_epoch, fingerprint
 
 
@@ -283,7 +288,9 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
                              "weights")
         train_iter, steps_per_epoch, fingerprint = make_train_data(config)
         steps = total_steps(config, steps_per_epoch)
-    metadata = {"stage": config.stage, **token_metadata(config), "vqgan_fingerprint": fingerprint}
+    # report_dropout: whether classifier-free guidance's unconditional prompt was trained (for whoever samples)
+    metadata = {"stage": config.stage, **token_metadata(config), "vqgan_fingerprint": fingerprint,
+                "report_dropout": report_dropout(config)}
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"

@@ -70,12 +70,11 @@ def test_unstacked_layers_match_transformers(tmp_path, variant):
     np.testing.assert_array_equal(_greedy(ours, prompt, 16), ref)
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
-def test_unrolled_layer_loop_matches_transformers_and_the_scan(tmp_path, remat):
+def test_unrolled_layer_loop_matches_transformers_and_the_scan(tmp_path):
     """scan_layers=False (the demo's training forward): HF's logits, and the scan's gradients."""
     hf = tiny_hf_model(**VARIANTS["parallel_rot25_untied_h4"])
     path = save_hf(hf, tmp_path / "hf")
-    looped, scanned = (load_hf_model(path, scan_layers=scan, remat_policy=remat) for scan in (False, True))
+    looped, scanned = (load_hf_model(path, scan_layers=scan) for scan in (False, True))
     ids = jnp.asarray(_ids(2, 17, hf.config.vocab_size))
     np.testing.assert_allclose(np.asarray(looped(ids)), hf_logits(hf, ids), atol=1e-4, rtol=0)
 
@@ -86,6 +85,8 @@ def test_unrolled_layer_loop_matches_transformers_and_the_scan(tmp_path, remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads(looped), grads(scanned))
     lowered = {m.config.scan_layers: jax.jit(lambda m: m(ids)).lower(m).as_text() for m in (looped, scanned)}
     assert "stablehlo.while" in lowered[True] and "stablehlo.while" not in lowered[False]  # no stacked buffers
+    with pytest.raises(ValueError, match="scan_layers=False takes remat_policy='none'"):
+        looped.config.replace(remat_policy="dots")  # remat would save nothing inside the loop
 
 
 def test_kv_cache_decoding_equals_full_forward_left_padded():

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -42,11 +43,11 @@ def _train(root, tokenizer, workdir, *extra, processes: int = 1, lengths: str = 
 
 def test_trains_and_evaluates_on_the_built_dataset(prepared, tmp_path):
     root, tokenizer = prepared
-    out = _train(root, tokenizer, tmp_path / "w")
+    out = _train(root, tokenizer, tmp_path / "w", "--config.data.report_dropout=0.25")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "[eval] step 2: loss=" in out.stdout
     meta = json.loads((tmp_path / "w" / "checkpoints" / "2" / "meta" / "metadata").read_text())
-    assert meta["vqgan_fingerprint"] == FINGERPRINT
+    assert meta["vqgan_fingerprint"] == FINGERPRINT and meta["report_dropout"] == 0.25
     assert meta["token_layout"]["text_vocab_size"] == tokenizer.text_vocab_size
     assert LlmCxrTokenizer.from_pretrained(tmp_path / "w").layout == tokenizer.layout  # saved for the sampler
 
@@ -99,6 +100,34 @@ def test_mimic_and_vqa_codes_of_different_vqgans_are_refused(tmp_path):
         train.tfds_sources(config, "train")
     config.data.vqa_builder = "mimic_cxr_llmcxr/stage1"
     assert train.tfds_sources(config, "train")[1] == FINGERPRINT
+
+
+def test_train_data_takes_report_dropout_from_the_config(prepared):
+    """data.report_dropout reaches the training iterator (some report→CXR rows change, none else); a config
+    file from before the field existed trains as the original (no dropout)."""
+    from llmcxr_jax import train
+
+    root, tokenizer = prepared
+    config = train.load_config("stage1:tiny")
+    config.data.update(source="tfds", data_dir=str(root / "tfds"), dolly_builder="", lengths=(512,), max_length=512)
+    config.update(tokenizer=str(root / "tokenizer"))
+    config.vqgan.grid = GRID[0]
+
+    def first_epoch(dropout):
+        config.data.report_dropout = dropout
+        it, per_epoch, _ = train.make_train_data(config)
+        return [row for _ in range(per_epoch) for row in next(it)["input_ids"]]
+    plain, dropping = first_epoch(0.0), first_epoch(0.5)
+    changed = [a for a, b in zip(plain, dropping) if not np.array_equal(a, b)]
+    assert changed and len(changed) < len(plain)
+    def report_to_cxr(ids):  # the image is the response: its first id comes after `### Response:\n`
+        return np.argmax(tokenizer.is_image_id(ids)) > np.argmax(ids == tokenizer.response_key_id)
+    assert all(report_to_cxr(a) for a in changed) and not all(report_to_cxr(a) for a in plain)
+    del config.data.report_dropout
+    assert train.report_dropout(config) == 0.0
+    it, per_epoch, _ = train.make_train_data(config)
+    unset = [row for _ in range(per_epoch) for row in next(it)["input_ids"]]
+    assert all(np.array_equal(a, b) for a, b in zip(plain, unset))
 
 
 def test_build_cli_prepares_the_mimic_configs(tmp_path, capsys):

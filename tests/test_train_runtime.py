@@ -114,9 +114,13 @@ def test_restore_onto_a_smaller_mesh(tmp_path):
 
 
 def test_stage2_is_seeded_from_stage1_parameters_only(tmp_path):
+    """Stage 1's layer loop and remat are runtime choices stage 2 does not inherit (an unrolled stage 1 seeds a
+    scanned, rematerialized stage 2; the loop refuses remat, so inheriting would fail)."""
     stage1 = load_config("stage1")
+    stage1.model.scan_layers = False
     _, s1 = run_steps(stage1, mesh_of((1, 8, 1)), tmp_path / "s1", 3)
     stage2 = load_config("stage2")
+    stage2.model.update(scan_layers=True, remat_policy="full")
     stage2.init.workdir = str(tmp_path / "s1")
     mesh = mesh_of((1, 4, 1))
     task = tiny_task(stage2, mesh, 1)
