@@ -97,12 +97,17 @@ def choose_instruction(seed: int, record_id: str, direction: Direction) -> str:
     return phrasings[_stable_draw(seed, str(record_id), direction, len(phrasings))]
 
 
+def check_report_dropout(fraction: float) -> float:
+    """`fraction`, refused unless in [0, 1) (1 would leave no report→CXR record its report)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"report dropout fraction must be in [0, 1), got {fraction}")
+    return fraction
+
+
 def drops_report(seed: int, record_id: str, fraction: float) -> bool:
     """Whether a report→CXR record trains with an empty report (`fraction` of records, fixed per record like its
     instruction): the unconditional twin that classifier-free guidance samples against (not in the original)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"report dropout fraction must be in [0, 1), got {fraction}")
-    return fraction > 0 and _stable_draw(seed, str(record_id), "report_dropout", 1 << 30) < fraction * (1 << 30)
+    return check_report_dropout(fraction) > 0 and _stable_draw(seed, str(record_id), "report_dropout", 1 << 30) < fraction * (1 << 30)
 
 
 # ---- token ids --------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ class FormatImageReport:
     the report→CXR records (`prompts.drops_report`) get an empty report."""
 
     def __init__(self, tokenizer: LlmCxrTokenizer, seed: int, report_dropout: float = 0.0):
-        prompts.drops_report(seed, "", report_dropout)  # validates the fraction before any record is read
-        self.tokenizer, self.seed, self.report_dropout = tokenizer, seed, report_dropout
+        self.tokenizer, self.seed = tokenizer, seed
+        self.report_dropout = prompts.check_report_dropout(report_dropout)  # before any record is read
 
     def __call__(self, record: Mapping[str, Any]) -> prompts.Example:
         direction, dicom_id = text(record["direction"]), text(record["dicom_id"])
