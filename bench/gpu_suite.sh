@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark set in one call (about 5 minutes on one H100/H200), most important first so that a
+# The whole GPU benchmark set in one call (6–7 minutes on one H200, 2026-11-28), most important first so that a
 # call cut short still returns the headline numbers: the 2.8B train step at seq 1024 beside the transformers
 # reference, sampling at batch 1 and 16 beside transformers' generate, the VQ-GAN beside taming (when taming is
 # importable), then a sweep of remat policies and batch sizes. Each step has its own time limit.

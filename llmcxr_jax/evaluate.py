@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmcxr_jax.evaluate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     mimic = sub.add_parser("mimic", help="run LLM-CXR's MIMIC-CXR generation protocol (resumable)")
-    mimic.add_argument("--checkpoint", required=True, help="LM checkpoint (Orbax or HF directory)")
+    mimic.add_argument("--checkpoint", required=True, help="LM checkpoint: Orbax, HF directory or training workdir")
     mimic.add_argument("--vqgan", required=True, help="VQ-GAN directory")
     mimic.add_argument("--manual_dir", required=True, type=Path, help="MIMIC-CXR files (see data/mimic_files.py)")
     mimic.add_argument("--codes", type=Path, help="codes directory or the original's pickle "
