@@ -315,12 +315,18 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(mask == 1, jnp.cumsum(mask, axis=-1) - 1, 1)
 
 
-def _attention(q, k, v, mask, impl):
-    """`auto`: cuDNN's fused kernel for unmasked (causal) bf16/fp16 attention on GPUs, i.e. training and full
-    forwards (1.4x the 2.8B train step on an H200, NOTES.md); XLA elsewhere, masked decoding steps included."""
+def uses_cudnn_attention(impl: str, dtype: Any, platform: str, masked: bool = False) -> bool:
+    """Whether attention runs cuDNN's fused kernel: `cudnn`, or `auto` for unmasked (causal) bf16/fp16 attention
+    on GPUs, i.e. training and full forwards (1.4x the 2.8B train step on an H200, NOTES.md); XLA elsewhere,
+    masked decoding steps included."""
     if impl == "auto":
-        fused = mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
-        impl = "cudnn" if fused else "xla"
+        return not masked and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and platform == "gpu"
+    return impl == "cudnn"
+
+
+def _attention(q, k, v, mask, impl):
+    if impl == "auto":
+        impl = "cudnn" if uses_cudnn_attention(impl, q.dtype, jax.default_backend(), mask is not None) else "xla"
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)

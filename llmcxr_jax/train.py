@@ -21,15 +21,15 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmcxr_jax import aot, checkpoint, lm_task, parallel, trainer
+from llmcxr_jax import aot, checkpoint, lm_task, model, parallel, trainer
 
 if TYPE_CHECKING:
     from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage1.py, configs/stage1.py:tiny or "
-                                "(VQ-GAN) configs/vqgan.py:demo",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "config file: configs/stage1.py or configs/stage2.py for "
+                                "llmcxr_jax.train, configs/vqgan.py for llmcxr_jax.train_vqgan; a variant after "
+                                "a colon (configs/stage1.py:tiny, :demo)", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and logs go here")
 flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memory; no training")
 flags.DEFINE_string("topology", "", "with --dry_run: compile for devices that are not there: H100s (h100:8, "
@@ -294,7 +294,8 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
         what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
-        fused = aot.is_gpu_topology(topology) and config.model.attention_impl != "xla"
+        fused = aot.is_gpu_topology(topology) and model.uses_cudnn_attention(config.model.attention_impl,
+                                                                             config.model.dtype, "gpu")
         try:
             with aot.cudnn_shaped_attention() if fused else contextlib.nullcontext():
                 report = dry_run(task, lm_batch_shapes(config), what, mesh, rules, LM_REMAT_ADVICE)
@@ -315,9 +316,11 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
                          eval_iter_fn=make_eval_data(config, task.batch_axes))
 
 
-def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: str) -> None:
+def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: str,
+                   config_fields: tuple[str, ...]) -> None:
     """The trainer CLIs' main: check the flags, then `run_fn(config, workdir, dry=, topology=)` with the errors a
-    user can cause as one line."""
+    user can cause as one line. `config_fields` are top-level fields only this trainer's configs have: a config
+    for the other trainer is refused by name, not by an AttributeError from deep inside."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS["config"].present:
@@ -328,7 +331,11 @@ def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: 
         raise app.UsageError("--topology only makes sense with --dry_run")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
     try:
-        run_fn(config_from_flags(), FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
+        config = config_from_flags()
+        if missing := [f for f in config_fields if f not in config]:
+            raise ValueError(f"--config {FLAGS['config'].config_filename} is not a config for this trainer (it has "
+                             f"no {', '.join(missing)}); e.g. --config {example_config}")
+        run_fn(config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: no traceback; the checkpoints saved before are intact
@@ -337,7 +344,7 @@ def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: 
 
 
 def main(argv: list[str]) -> None:
-    run_from_flags(argv, run, "configs/stage1.py")
+    run_from_flags(argv, run, "configs/stage1.py", ("stage", "tokenizer", "vqgan"))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
 
 
 def main(argv: list[str]) -> None:
-    train.run_from_flags(argv, run, "configs/vqgan.py:demo")
+    train.run_from_flags(argv, run, "configs/vqgan.py:demo", ("loss", "lpips", "export_dir"))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,16 @@ def test_a_gpu_dry_run_without_the_attention_stand_in_is_a_clear_error(monkeypat
         train.run(config, "", dry=True, topology="h100:1")
 
 
+@pytest.mark.parametrize("dtype,fused", [("bfloat16", True), ("float32", False)])
+def test_a_gpu_dry_run_compiles_the_attention_a_gpu_run_would_use(monkeypatch, capsys, dtype, fused):
+    """`auto` is cuDNN for bf16 only: an fp32 config's H100 dry run compiles XLA's attention, as its run would."""
+    monkeypatch.setattr(parallel, "enable_compilation_cache", lambda: None)  # no cache directory from a test
+    config = train.load_config(f"{ROOT / 'configs/stage1.py'}:tiny")
+    config.model.dtype = dtype
+    train.run(config, "", dry=True, topology="h100:1")
+    assert ("opaque kernels of its shapes" in capsys.readouterr().out) == fused
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--topology", "h100:x"], "GPU topologies are h100:N (one host, N GPUs) or h100:HxN"),
     (["--topology", "H100:0"], "GPU topologies are h100:N (one host, N GPUs) or h100:HxN"),

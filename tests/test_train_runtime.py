@@ -369,6 +369,19 @@ def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, messag
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("module,config,message", [
+    ("llmcxr_jax.train", "configs/vqgan.py:tiny", "(it has no stage, tokenizer, vqgan); e.g. --config configs/stage1.py"),
+    ("llmcxr_jax.train_vqgan", "configs/stage1.py:tiny", "(it has no loss, lpips, export_dir); e.g. --config configs/vqgan"),
+])
+def test_the_other_trainers_config_is_refused_by_name(tmp_path, module, config, message):
+    cmd = [sys.executable, "-m", module, "--config", str(ROOT / config), "--workdir", str(tmp_path / "w")]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and f"{ROOT / config} is not a config for this trainer {message}" in out.stderr, \
+        out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("module", ["llmcxr_jax.train", "llmcxr_jax.train_vqgan"])
 @pytest.mark.parametrize("config, message", [
     ("configs/nope.py", "error: --config configs/nope.py: [Errno 2] No such file or directory: 'configs/nope.py'"),
