@@ -289,7 +289,9 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
                                           vocab_multiple=model_cfg.vocab_multiple)
             if model.config.vocab_size < model_cfg.vocab_size:
                 model = extend_vocab(model, model_cfg.vocab_size, nnx.Rngs(config.seed))
-            _require_same_model(model.config, model_cfg, config.init.hf_dir)
+            if differing := model_differences(dataclasses.asdict(model.config), dataclasses.asdict(model_cfg)):
+                raise ValueError(f"init.hf_dir {config.init.hf_dir}: config.json differs from config.model in "
+                                 f"{differing}")
             return from_model(model, shardings)
     elif config.init.workdir:
         def initial_state(shardings):  # a training workdir (its latest step) or a converted checkpoint
@@ -347,13 +349,15 @@ def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: st
     if found_rows != want_rows:
         raise ValueError(f"{source}: its embedding tables have {found_rows} rows (vocab_multiple={found_multiple}), "
                          f"this run's {want_rows}; set --config.model.vocab_multiple={found_multiple}")
+    if differing := model_differences(found["model_config"], expected["model_config"]):
+        raise ValueError(f"{source}: its model differs from config.model in {differing}")
     for key in COMPATIBILITY_KEYS:
         if key in expected and found.get(key) != expected[key]:
             raise ValueError(f"{source}: {key} is {found.get(key)!r}, this run expects {expected[key]!r}")
 
 
-def _require_same_model(found: GPTNeoXConfig, want: GPTNeoXConfig, source: str) -> None:
-    differing = [f.name for f in dataclasses.fields(GPTNeoXConfig)
-                 if f.name in GPTNeoXConfig.HF_FIELDS and getattr(found, f.name) != getattr(want, f.name)]
-    if differing:
-        raise ValueError(f"init.hf_dir {source}: config.json differs from config.model in {differing}")
+def model_differences(found: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """The architecture fields (GPTNeoXConfig.HF_FIELDS but the initializer's scale) in which weights of config
+    `found` do not fit config `want`, as 'name (found vs want)'; fields `found` does not record are not compared."""
+    return [f"{name} ({found[name]} vs {want[name]})" for name in GPTNeoXConfig.HF_FIELDS
+            if name != "initializer_range" and name in found and found[name] != want[name]]

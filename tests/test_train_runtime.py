@@ -235,7 +235,11 @@ def test_stage2_refuses_other_vocabulary_or_vqgan(tmp_path):
     with pytest.raises(ValueError, match=r"tables have 128 rows \(vocab_multiple=128\), this run's 256; set "
                                          r"--config.model.vocab_multiple=128"):
         task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
-    stage2.model.vocab_multiple = 1  # 128 ids need no padding: the same tables
+    stage2.model.update(vocab_multiple=1, hidden_size=128)  # weights of another width: refused, not trained on
+    task = tiny_task(stage2, mesh, 1)
+    with pytest.raises(ValueError, match=r"its model differs from config.model in \['hidden_size \(64 vs 128\)'\]"):
+        task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
+    stage2.model.hidden_size = 64  # 128 ids need no padding: the same tables
     task = tiny_task(stage2, mesh, 1)
     task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
     stage2 = load_config("stage2")
@@ -257,6 +261,11 @@ def test_stage1_starts_from_an_hf_directory_with_vocab_extension(tmp_path):
     embed = np.asarray(state["model"]["embed_in"].get_value())
     assert embed.shape == (128, 64)
     np.testing.assert_array_equal(embed[:112], hf.gpt_neox.embed_in.weight.detach().numpy())
+    config.model.intermediate_size = 256
+    task = tiny_task(config, mesh, 1)
+    with pytest.raises(ValueError, match=r"config.json differs from config.model in \['intermediate_size \(128 vs "
+                                         r"256\)'\]"):
+        task.initial_state(trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)[2])
 
 
 def _train_cli(workdir, steps, extra=()):
@@ -396,15 +405,19 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path, module, config, 
     assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
 
 
-def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change,message", [
+    ({"vocab_size": 144}, r"vocabulary size 128 differs from this run's 144"),
+    ({"num_hidden_layers": 3, "rotary_pct": 0.5},
+     r"its model differs from config.model in \['num_hidden_layers \(2 vs 3\)', 'rotary_pct \(0.25 vs 0.5\)'\]"),
+])
+def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path, monkeypatch, change, message):
     config = load_config("stage1")
     run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 1)
-    config.model.vocab_size = 144
+    config.model.update(change)
     closed = []
     close = checkpoint.TrainCheckpoints.close
     monkeypatch.setattr(checkpoint.TrainCheckpoints, "close", lambda self: closed.append(self) or close(self))
-    with pytest.raises(ValueError, match=r"latest checkpoint \(resuming\): vocabulary size 128 differs from this "
-                                         r"run's 144"):
+    with pytest.raises(ValueError, match=r"latest checkpoint \(resuming\): " + message):
         run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
     assert len(closed) == 1  # the refused run's checkpoint manager: no Orbax threads left running
 
