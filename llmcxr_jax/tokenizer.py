@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from vqgan_flax.atomic import write_atomic
 from vqgan_flax.json_object import read_json_object
 
 PAD_TOKEN = "<|endoftext|>"
@@ -179,10 +180,11 @@ class LlmCxrTokenizer:
         return cls(tok, num_image_codes, source=f"BPE trained on {len(texts)} texts, vocab_size={vocab_size}")
 
     def save(self, directory: str | Path) -> Path:
-        """Write tokenizer.json, a transformers tokenizer_config.json and the layout file; return the directory."""
+        """Write tokenizer.json, a transformers tokenizer_config.json and the layout file, each whole or not at all
+        (a resumed run reads them back); return the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(directory / TOKENIZER_FILE))
+        write_atomic(directory / TOKENIZER_FILE, self._tok.to_str(pretty=True))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": PAD_TOKEN, "eos_token": PAD_TOKEN,
                   "unk_token": PAD_TOKEN, "pad_token": PAD_TOKEN,
                   "additional_special_tokens": [END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL],
@@ -190,6 +192,16 @@ class LlmCxrTokenizer:
         _write_json(directory / TOKENIZER_CONFIG_FILE, config)
         _write_json(directory / LAYOUT_FILE, dataclasses.asdict(self.layout))
         return directory
+
+    def require_same_as_saved(self, directory: str | Path, what: str) -> None:
+        """Refuse a directory that holds another tokenizer: weights trained there read other ids for the same
+        text, even when the layout (and so every shape) is equal. A directory with none passes."""
+        if not (Path(directory) / TOKENIZER_FILE).is_file():
+            return
+        saved = LlmCxrTokenizer.from_pretrained(directory)
+        if saved.layout != self.layout or json.loads(saved._tok.to_str()) != json.loads(self._tok.to_str()):
+            raise ValueError(f"{what} {directory} was trained with another tokenizer than this run's "
+                             f"({self.source}): set config.tokenizer to {directory}, or use another workdir")
 
     # ---- layout -------------------------------------------------------------------------------------------
 
@@ -297,4 +309,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -309,8 +309,13 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
             print("  note: cuDNN's fused attention (which needs a GPU to compile) was compiled as opaque kernels of "
                   "its shapes; its workspace is not counted")
         return report
-    if config.data.source != "synthetic" and jax.process_index() == 0:
-        load_tokenizer(config).save(checkpoint.local_path(workdir, "--workdir"))  # the sampler reads it from there
+    if config.data.source != "synthetic":
+        tokenizer, local_workdir = load_tokenizer(config), checkpoint.local_path(workdir, "--workdir")
+        if config.init.workdir:
+            tokenizer.require_same_as_saved(config.init.workdir, "init.workdir")
+        tokenizer.require_same_as_saved(local_workdir, "--workdir")  # resuming: kept, not overwritten
+        if jax.process_index() == 0:
+            tokenizer.save(local_workdir)  # the sampler reads it from there
     loop = trainer.loop_config(config.train, steps, epoch_steps=steps_per_epoch or 0)
     return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter,
                          eval_iter_fn=make_eval_data(config, task.batch_axes))

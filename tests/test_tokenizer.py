@@ -10,6 +10,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer
 
 from llmcxr_jax.tokenizer import (LAYOUT_FILE, SPECIAL_KEYS, LlmCxrTokenizer, TokenizerLayoutError)
+from train_helpers import with_two_ids_swapped
 
 PACKAGED = importlib.resources.files("llmcxr_jax").joinpath("assets", "gpt-neox-20b-tokenizer.json")
 DOLLY_KEYS = ["### End", "### Instruction:", "### Response:"]
@@ -242,6 +243,18 @@ def test_small_tokenizer_saves_for_transformers(small, tmp_path):
     texts = PHANTOM_REPORTS[:5] + ["### Instruction:\nx<image>\n\n### Response:\ny\n\n### End", "unseen wörds 42"]
     assert [hf_ids(hf_loaded, t) for t in texts] == loaded.encode_batch(texts)
     assert [loaded.decode(hf_ids(hf_loaded, t), clean_up_spaces=False) for t in texts] == texts
+
+
+def test_a_saved_tokenizer_is_recognised_and_another_refused(small, tmp_path):
+    small.require_same_as_saved(tmp_path / "nothing-saved", "--workdir")
+    directory = small.save(tmp_path / "w")
+    small.require_same_as_saved(directory, "--workdir")
+    LlmCxrTokenizer.from_pretrained(directory).require_same_as_saved(directory, "--workdir")
+    other = with_two_ids_swapped(small)
+    assert other.layout == small.layout and other.encode_batch(PHANTOM_REPORTS) != small.encode_batch(PHANTOM_REPORTS)
+    with pytest.raises(ValueError, match=f"--workdir {directory} was trained with another tokenizer than this "
+                                         r"run's \(ids swapped\)"):
+        other.require_same_as_saved(directory, "--workdir")
 
 
 def test_small_tokenizer_too_small_to_hold_image(tmp_path):

@@ -13,7 +13,7 @@ from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
 from llmcxr_jax.data.mimic_codes import VqganMismatchError
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
 from mimic_fixture import FINGERPRINT, GRID, NUM_CODES, write_mimic_tree
-from train_helpers import ROOT
+from train_helpers import ROOT, with_two_ids_swapped
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,22 @@ def test_trains_and_evaluates_on_the_built_dataset(prepared, tmp_path):
     assert meta["vqgan_fingerprint"] == FINGERPRINT and meta["report_dropout"] == 0.25
     assert meta["token_layout"]["text_vocab_size"] == tokenizer.text_vocab_size
     assert LlmCxrTokenizer.from_pretrained(tmp_path / "w").layout == tokenizer.layout  # saved for the sampler
+
+
+def test_resuming_with_another_tokenizer_is_refused_and_keeps_the_workdirs(prepared, tmp_path):
+    """Same layout and shapes, other ids for the same text: training on would silently relearn the vocabulary."""
+    root, tokenizer = prepared
+    assert _train(root, tokenizer, tmp_path / "w").returncode == 0
+    saved = (tmp_path / "w" / "tokenizer.json").read_bytes()
+    with_two_ids_swapped(tokenizer).save(tmp_path / "other")
+    out = _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=4", f"--config.tokenizer={tmp_path / 'other'}")
+    assert out.returncode == 1 and f"--workdir {tmp_path / 'w'} was trained with another tokenizer" in out.stderr, \
+        out.stderr[-2000:]
+    assert (tmp_path / "w" / "tokenizer.json").read_bytes() == saved
+    assert not (tmp_path / "w" / "checkpoints" / "4").exists()
+    out = _train(root, tokenizer, tmp_path / "next", f"--config.init.workdir={tmp_path / 'w'}",
+                 f"--config.tokenizer={tmp_path / 'other'}")  # the next stage, from that workdir
+    assert out.returncode == 1 and f"init.workdir {tmp_path / 'w'} was trained with another tokenizer" in out.stderr
 
 
 def test_epoch_ends_are_kept_besides_the_latest_checkpoints(prepared, tmp_path):

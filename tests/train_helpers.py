@@ -3,15 +3,18 @@ the VQ-GAN task's fixed batch, steps and state comparison."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+from tokenizers import Tokenizer
 
 from llmcxr_jax import checkpoint, lm_task, parallel, train, trainer, vqgan_task
 from llmcxr_jax.data.image_builder import phantom_records
 from llmcxr_jax.data.synthetic import SyntheticBatches
+from llmcxr_jax.tokenizer import LlmCxrTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,15 @@ def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
 def tiny_task(config, mesh, total_steps: int):
     return lm_task.build_task(config, mesh=mesh, rules=parallel.DEFAULT_RULES, total_steps=total_steps,
                               metadata={"stage": config.stage, "image_offset": config.model.vocab_size - 16})
+
+
+def with_two_ids_swapped(tokenizer: LlmCxrTokenizer) -> LlmCxrTokenizer:
+    """Another tokenizer of the same layout (so of every shape): the tokens of " lungs" and " heart" trade ids."""
+    data = json.loads(tokenizer.backend.to_str())
+    vocab = data["model"]["vocab"]
+    first, second = (tokenizer.backend.encode(word).tokens[0] for word in (" lungs", " heart"))
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    return LlmCxrTokenizer(Tokenizer.from_str(json.dumps(data)), tokenizer.num_image_codes, source="ids swapped")
 
 
 def batches(config, fixed: bool = False, process_index: int = 0, process_count: int = 1) -> SyntheticBatches:
