@@ -159,6 +159,22 @@ def test_plain_pickle_refuses_other_plain_types(tmp_path, payload, found):
         load_plain_pickle(path, "ids")
 
 
+def _holding_itself() -> list:
+    cycle = ["a", {"b": []}]
+    cycle[1]["b"].append(cycle)
+    return cycle
+
+
+def test_plain_pickle_refuses_a_list_that_holds_itself_and_reads_shared_parts(tmp_path):
+    path = tmp_path / "x.pickle"
+    path.write_bytes(pickle.dumps(_holding_itself()))
+    with pytest.raises(PlainPickleError, match=f"{path}: holds a list that contains itself"):
+        load_plain_pickle(path, "ids")
+    shared = ["s", "t"]
+    path.write_bytes(pickle.dumps({"x": [shared, shared], "y": shared}))
+    assert load_plain_pickle(path, "ids") == {"x": [["s", "t"], ["s", "t"]], "y": ["s", "t"]}
+
+
 @pytest.mark.parametrize("payload, name", [
     ({"a": Sneaky()}, "shutil.rmtree"), ({"a": datetime.date(2180, 1, 1)}, "datetime.date"),
     (collections.OrderedDict(a=1), "collections.OrderedDict"),

@@ -22,26 +22,36 @@ _LEAVES = frozenset((str, int))
 _CONTAINERS = frozenset((dict, list))
 
 
-def _first_foreign(obj: Any, leaves: frozenset[type] = _LEAVES) -> type | None:
-    """The type of the first value that is not dict/list or one of `leaves` (bool counts as foreign), or None.
+def _first_problem(obj: Any, leaves: frozenset[type] = _LEAVES) -> str | None:
+    """What first makes `obj` more than a tree of dicts and lists over `leaves` (bool counts as foreign): a value
+    of another type ('a float') or a list or dict that holds itself, which pickle can write and any reader would
+    loop over forever; None if nothing does. A part shared by two branches is read once.
 
     Type sets are taken with `map(type, ...)`, which runs in C: a codes pickle holds ~10^8 ints.
     """
-    stack = [obj]
+    if type(obj) not in _CONTAINERS:
+        return None if type(obj) in leaves else f"a {type(obj).__name__}"
+    entered, finished = set(), set()  # depth-first: a container met again while entered lies on its own path
+    stack = [(obj, False)]
     while stack:
-        item = stack.pop()
-        if type(item) not in _CONTAINERS:
-            if type(item) not in leaves:
-                return type(item)
+        item, leaving = stack.pop()
+        if leaving:
+            entered.discard(id(item))
+            finished.add(id(item))
             continue
+        if id(item) in entered:
+            return f"a {type(item).__name__} that contains itself"
+        if id(item) in finished:
+            continue
+        entered.add(id(item))
+        stack.append((item, True))
         parts = (item.keys(), item.values()) if type(item) is dict else (item,)
         for part in parts:
             kinds = set(map(type, part))
-            foreign = kinds - leaves - _CONTAINERS
-            if foreign:
-                return next(iter(foreign))
+            if foreign := kinds - leaves - _CONTAINERS:
+                return f"a {next(iter(foreign)).__name__}"
             if kinds & _CONTAINERS:
-                stack.extend(v for v in part if type(v) in _CONTAINERS)
+                stack.extend((v, False) for v in part if type(v) in _CONTAINERS)
     return None
 
 
@@ -57,8 +67,8 @@ def load_plain_pickle(path: str | Path, what: str, allow_none: bool = False) -> 
     except UnsafePickleError as err:
         raise PlainPickleError(f"{err}. Convert it to plain Python {PLAIN} in an environment you trust "
                                "(see llmcxr_jax/data/mimic_files.py, CONVERT_SELECTION).") from err
-    foreign = _first_foreign(obj, _LEAVES | {type(None)} if allow_none else _LEAVES)
-    if type(obj) not in (dict, list) or foreign is not None:
-        found = type(obj).__name__ if type(obj) not in (dict, list) else foreign.__name__
-        raise PlainPickleError(f"{path}: holds a {found}; expected {what} built only from {PLAIN}")
+    if type(obj) not in _CONTAINERS:
+        raise PlainPickleError(f"{path}: holds a {type(obj).__name__}; expected {what} built only from {PLAIN}")
+    if problem := _first_problem(obj, _LEAVES | {type(None)} if allow_none else _LEAVES):
+        raise PlainPickleError(f"{path}: holds {problem}; expected {what} built only from {PLAIN}")
     return obj
