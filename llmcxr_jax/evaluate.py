@@ -239,7 +239,24 @@ def read_results(path: str | Path) -> list[dict]:
     for n, record in enumerate(records, 1):
         if tuple(record) != RECORD_FIELDS:
             raise EvalInputError(f"{path}: record {n}: fields {list(record)}, expected {list(RECORD_FIELDS)}")
+        if problem := _record_problem(record):
+            raise EvalInputError(f"{path}: record {n} ({record['dicom_id']!r}): {problem}")
     return records
+
+
+def _record_problem(record: dict) -> str | None:
+    """What makes a result record unusable downstream (ids become file names, images are code lists), or None."""
+    if not isinstance(record["dicom_id"], str):
+        return f"dicom_id is a {type(record['dicom_id']).__name__}, not a str"
+    for key in ("raw_report", "gen_report"):
+        if record[key] is not None and not isinstance(record[key], str):
+            return f"{key} is a {type(record[key]).__name__}, not a str or null"
+    for key in ("raw_image", "gen_image"):
+        value = record[key]
+        if value is not None and not (isinstance(value, list) and
+                                      all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            return f"{key} is not a flat list of int codes or null"
+    return None
 
 
 def write_results_pickle(records: Sequence[Mapping], path: str | Path) -> None:
@@ -446,14 +463,14 @@ def decode_results(paths: Sequence[str | Path], vqgan_dir: str | Path, out_dir: 
             origin.setdefault(record["dicom_id"], path)
     kept = [r for r in records if all(value is not None for value in r.values())]
     model = vqgan_flax.load(vqgan_dir)
-    h, w = model.config.grid
+    (h, w), num_codes = model.config.grid, model.config.num_codes
     codes = {}
     for r in kept:
-        image = np.asarray(r["gen_image"])
-        if image.size != h * w or not np.issubdtype(image.dtype, np.integer):
-            raise EvalInputError(f"{origin[r['dicom_id']]}: gen_image of {r['dicom_id']} is not {h * w} integer "
-                                 f"codes for the {h}x{w} grid of {vqgan_dir}")
-        codes[r["dicom_id"]] = image.reshape(h, w)
+        image = r["gen_image"]  # read_results: a flat list of ints
+        if len(image) != h * w or not all(0 <= code < num_codes for code in image):
+            raise EvalInputError(f"{origin[r['dicom_id']]}: gen_image of {r['dicom_id']} is not {h * w} codes in "
+                                 f"[0, {num_codes}) for the {h}x{w} grid of {vqgan_dir}")
+        codes[r["dicom_id"]] = np.asarray(image, dtype=np.int32).reshape(h, w)
     check_ids(codes, Path(paths[0]))
     out = Path(out_dir)
     decoded = decode_to_files(model, codes, out / "generated_imgs_jpg", batch_size, "jpg")

@@ -392,8 +392,17 @@ def test_cli_decode_writes_the_originals_jpegs_and_reports_file(tmp_path, capsys
     jpg = np.asarray(Image.open(tmp_path / "out" / "generated_imgs_jpg" / "d2.jpg"))
     assert jpg.shape == expected.shape == (config.resolution, config.resolution, 3)
     np.testing.assert_array_equal(jpg, np.asarray(Image.open(same_encoding)))
-    bad = dict(records[0], gen_image=[1, 2, 3])
-    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
-    with pytest.raises(SystemExit, match=r"^error: .*bad.jsonl: gen_image of d0 is not 256 integer codes"):
-        evaluate.main(["decode", "--results", str(tmp_path / "bad.jsonl"), "--vqgan", str(tmp_path / "vq"),
-                       "--out", str(tmp_path / "out2")])
+    for change, message in [
+        ({"gen_image": [1, 2, 3]}, f"gen_image of d0 is not 256 codes in \\[0, {config.num_codes}\\)"),
+        ({"gen_image": [config.num_codes] * 256}, "gen_image of d0 is not 256 codes in"),  # would decode clipped
+        ({"gen_image": [-1] * 256}, "gen_image of d0 is not 256 codes in"),
+        ({"gen_image": [[1, 2], [3]]}, r"record 1 \('d0'\): gen_image is not a flat list of int codes or null"),
+        ({"gen_image": [1.5] * 256}, r"record 1 \('d0'\): gen_image is not a flat list of int codes or null"),
+        ({"dicom_id": 5}, r"record 1 \(5\): dicom_id is a int, not a str"),
+        ({"gen_report": ["x"]}, r"record 1 \('d0'\): gen_report is a list, not a str or null"),
+    ]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(dict(records[0], **change)) + "\n")
+        with pytest.raises(SystemExit, match=r"^error: .*bad.jsonl: " + message):
+            evaluate.main(["decode", "--results", str(tmp_path / "bad.jsonl"), "--vqgan", str(tmp_path / "vq"),
+                           "--out", str(tmp_path / "out2")])
+    assert not (tmp_path / "out2").exists()
