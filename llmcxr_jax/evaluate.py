@@ -379,6 +379,9 @@ def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], Eval
     if not 0 <= rank < world or batch_size < 1:
         raise ValueError(f"need 0 <= rank < world and batch_size >= 1, got rank {rank}, world {world}, "
                          f"batch_size {batch_size}")
+    if not selection.items:
+        counts = ", ".join(f"{k}: {v}" for k, v in selection.counts.items())
+        raise EvalInputError(f"nothing to evaluate: no image passed the selection ({counts})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path(out_dir, rank, world)
@@ -398,6 +401,7 @@ def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], Eval
                     f.write(json.dumps(record) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
+    path.touch()  # a rank with no share of a small selection still leaves its (empty) results
     pickle_path = path.with_suffix(".pickle")
     write_results_pickle(read_results(path), pickle_path)
     return RunSummary(path, len(shard), len(done), len(todo), pickle_path)

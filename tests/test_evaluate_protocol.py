@@ -177,6 +177,18 @@ def test_protocol_runner_shards_are_disjoint_and_complete(tree, tmp_path):
         assert all(r == whole[r["dicom_id"]] for r in records)  # outputs do not depend on the sharding
         seen += [r["dicom_id"] for r in records]
     assert sorted(seen) == sorted(whole) and len(seen) == len(set(seen))
+    n = len(selection.items)
+    idle = _run(selection, tmp_path / "more_ranks", ScriptedSampler(fail_after=0), rank=n, world=n + 1)
+    assert (idle.shard, idle.written, read_results(idle.path), read_results(idle.pickle_path)) == (0, 0, [], [])
+
+
+def test_protocol_runner_refuses_an_empty_selection(tree, tmp_path):
+    fx, _, _, _ = tree
+    selection = select_mimic_eval(fx.root, fx.codes_path, ["not-an-id"])
+    with pytest.raises(EvalInputError, match=r"nothing to evaluate: no image passed the selection \(.*eval_ids: 1, "
+                                             r"eval_ids_not_pa_ap_validate_test: 1"):
+        _run(selection, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_protocol_runner_resumes_without_repeating_finished_ids(tree, tmp_path):

@@ -58,7 +58,8 @@ def test_resuming_with_another_tokenizer_is_refused_and_keeps_the_workdirs(prepa
     assert _train(root, tokenizer, tmp_path / "w").returncode == 0
     saved = (tmp_path / "w" / "tokenizer.json").read_bytes()
     with_two_ids_swapped(tokenizer).save(tmp_path / "other")
-    out = _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=4", f"--config.tokenizer={tmp_path / 'other'}")
+    out = _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=4",
+                 f"--config.tokenizer={tmp_path / 'other'}")
     assert out.returncode == 1 and f"--workdir {tmp_path / 'w'} was trained with another tokenizer" in out.stderr, \
         out.stderr[-2000:]
     assert (tmp_path / "w" / "tokenizer.json").read_bytes() == saved

@@ -379,8 +379,10 @@ def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, messag
 
 
 @pytest.mark.parametrize("module,config,message", [
-    ("llmcxr_jax.train", "configs/vqgan.py:tiny", "(it has no stage, tokenizer, vqgan); e.g. --config configs/stage1.py"),
-    ("llmcxr_jax.train_vqgan", "configs/stage1.py:tiny", "(it has no loss, lpips, export_dir); e.g. --config configs/vqgan"),
+    ("llmcxr_jax.train", "configs/vqgan.py:tiny",
+     "(it has no stage, tokenizer, vqgan); e.g. --config configs/stage1.py"),
+    ("llmcxr_jax.train_vqgan", "configs/stage1.py:tiny",
+     "(it has no loss, lpips, export_dir); e.g. --config configs/vqgan"),
 ])
 def test_the_other_trainers_config_is_refused_by_name(tmp_path, module, config, message):
     cmd = [sys.executable, "-m", module, "--config", str(ROOT / config), "--workdir", str(tmp_path / "w")]
