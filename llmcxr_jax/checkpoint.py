@@ -165,6 +165,10 @@ def _process_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's files cannot be read; the message names the step's directory and how to go on."""
+
+
 class ProcessJsonHandler(ocp.CheckpointHandler):
     """One JSON file per process, `process_<i>-of-<n>.json`, each restored by the process that wrote it.
 
@@ -180,8 +184,10 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         path = directory / _process_file()
         if not path.exists():
             found = sorted(p.name for p in directory.glob("process_*.json"))
-            raise FileNotFoundError(f"{path}: missing; this checkpoint holds the data states {found}. Resume with "
-                                    "as many processes as wrote it")
+            if not found:
+                raise OSError(f"{path}: missing, and no other process's data state is there either")
+            raise ValueError(f"{path}: missing; this checkpoint holds the data states {found}. Resume with as many "
+                             "processes as wrote it")
         return json.loads(path.read_text())
 
 
@@ -262,17 +268,37 @@ class TrainCheckpoints:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ProcessJsonRestore(),
                                   meta=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
+        restored = self._read(step, args)
         return restored.state, restored.data, restored.meta
 
     def restore_subtree(self, step: int, target: Any) -> Any:
         """Restore only the part of `state` that `target` names (e.g. the model without optimizer moments)."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state
+        return self._read(step, ocp.args.Composite(state=args)).state
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def _read(self, step: int, args: ocp.args.Composite) -> Any:
+        """Orbax's restore, with a checkpoint whose files cannot be read (truncated, corrupted, deleted) as one
+        error that names the step's directory and the way on. ValueErrors other than a JSON file's (shapes that
+        do not match the request, a process count) are the caller's to explain and pass through."""
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as e:
+            if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError):
+                raise
+            raise DamagedCheckpointError(self._damaged_message(step, e)) from e
+
+    def _damaged_message(self, step: int, error: BaseException) -> str:
+        while error.__cause__ is not None:  # TensorStore's reason sits under Orbax's generic wrapper
+            error = error.__cause__
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        earlier = [s for s in self.all_steps() if s < step]
+        way_on = (f"resume from step {earlier[-1]}" if earlier else "start again")
+        return (f"{self.directory / str(step)}: damaged or incomplete, cannot be read ({lines[0][:300]}); move it "
+                f"aside (mv {self.directory / str(step)} {self.directory}/damaged-{step}) to {way_on}")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -424,6 +424,32 @@ def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path, monkey
     assert len(closed) == 1  # the refused run's checkpoint manager: no Orbax threads left running
 
 
+def _truncate_largest_array_file(step_dir):
+    largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_truncate_largest_array_file, r"OUT_OF_RANGE: .* is not valid for value of size 1000"),
+    (lambda step_dir: (step_dir / "state" / "_METADATA").write_text(""), r"Expecting value"),
+    (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").write_text("{bad"), r"Expecting property name"),
+    (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").unlink(), r".*/process_0-of-1.json: missing, and no "),
+])
+def test_a_damaged_checkpoint_is_named_with_the_way_on(tmp_path, damage, reason):
+    config = load_config("stage1")
+    config.train.update(checkpoint_every=1, keep_checkpoints=2)
+    run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
+    checkpoints = tmp_path / "w" / "checkpoints"
+    damage(checkpoints / "2")
+    with pytest.raises(checkpoint.DamagedCheckpointError,
+                       match=rf"^{checkpoints / '2'}: damaged or incomplete, cannot be read \({reason}.*\); move it "
+                             rf"aside \(mv {checkpoints / '2'} {checkpoints}/damaged-2\) to resume from step 1$"):
+        run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
+    (checkpoints / "2").rename(checkpoints / "damaged-2")  # as the message says
+    run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
+    assert checkpoint.TrainCheckpoints(tmp_path / "w", read_only=True).latest_step() == 3
+
+
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # pathlib would have made gs://bucket/run the local directory gs:/bucket/run
     with pytest.raises(ValueError, match=r"workdir gs://bucket/run: URLs are not supported.*mount the bucket"):
