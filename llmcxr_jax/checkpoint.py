@@ -26,6 +26,7 @@ from llmcxr_jax import parallel
 from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig
 from vqgan_flax.atomic import write_atomic
+from vqgan_flax.json_object import read_json_object
 
 FORMAT_VERSION = 1
 _PACKAGES = ("jax", "flax", "orbax-checkpoint", "llmcxr-jax")
@@ -61,10 +62,9 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; {directory} is not a model checkpoint written by llmcxr_jax") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {directory} is not a model checkpoint written by llmcxr_jax")
+    return read_json_object(path, ValueError)
 
 
 def require_language_model(meta: dict[str, Any], source: str) -> None:

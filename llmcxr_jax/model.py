@@ -9,7 +9,6 @@ Every parameter carries `logical_axes` metadata; `llmcxr_jax.parallel` maps thos
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from llmcxr_jax import parallel
+from vqgan_flax.json_object import positive_int, read_json_object
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -99,6 +99,10 @@ class GPTNeoXConfig:
     )
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "vocab_multiple")
+        if bad := [f"{name}={getattr(self, name)!r}" for name in sizes if not positive_int(getattr(self, name))]:
+            raise ValueError(f"{', '.join(bad)} must be positive ints")
         resolve_dtype(self.dtype)
         resolve_dtype(self.param_dtype)
         if self.hidden_size % self.num_attention_heads:
@@ -112,8 +116,6 @@ class GPTNeoXConfig:
             raise ValueError(f"scan_layers=False takes remat_policy='none' (got {self.remat_policy!r}): in the unrolled "
                              "loop XLA merges the recomputation back, so remat saves no memory; keep scan_layers=True "
                              "to use remat")
-        if self.vocab_multiple < 1:
-            raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
 
     @property
     def head_dim(self) -> int:
@@ -151,20 +153,19 @@ class GPTNeoXConfig:
                                "intermediate_size") if k not in fields]
         if missing:
             raise ValueError(f"{source}: missing required fields {missing}")
-        return cls(**fields, **runtime)
+        try:
+            return cls(**fields, **runtime)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_hf_file(cls, path: str | Path, **runtime: Any) -> GPTNeoXConfig:
         path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.is_file():
             hint = (" (it holds meta.json: a converted checkpoint, which init.workdir and --checkpoint take)"
-                    if (Path(path).parent / "meta.json").is_file() else "")
-            raise FileNotFoundError(f"{path}: no config.json; an HF model directory needs one{hint}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(hf, source=str(path), **runtime)
+                    if (path.parent / "meta.json").is_file() else "")
+            raise FileNotFoundError(f"{path}: no config.json; an HF model directory needs one{hint}")
+        return cls.from_hf(read_json_object(path, ValueError), source=str(path), **runtime)
 
     def to_hf(self) -> dict[str, Any]:
         """An HF `config.json` dict that both transformers 4.x and 5.x read."""

@@ -308,11 +308,13 @@ def test_checkpoint_with_other_config_is_refused(tmp_path):
 @pytest.mark.parametrize("content,message", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, "
                                                                                          "got list")])
 def test_metadata_files_that_are_not_json_objects_are_named(tmp_path, content, message):
-    """The three metadata readers (HF export metadata, token layout, VQ-GAN config) share one reader."""
+    """The metadata readers (HF export metadata, token layout, VQ-GAN config, HF config.json, our meta.json, codes
+    metadata) share one reader."""
     import vqgan_flax
     from llmcxr_jax.convert import HF_METADATA_FILE, read_hf_metadata
     from llmcxr_jax.tokenizer import LAYOUT_FILE, LlmCxrTokenizer, TokenizerLayoutError
     from vqgan_flax.checkpoint import CONFIG_FILE, CheckpointError
+    from vqgan_flax.codes import META_FILE, CodesDir, CodesError
 
     (tmp_path / HF_METADATA_FILE).write_text(content)
     with pytest.raises(ConversionError, match=f"{HF_METADATA_FILE}: {message}"):
@@ -326,3 +328,26 @@ def test_metadata_files_that_are_not_json_objects_are_named(tmp_path, content, m
     with pytest.raises(CheckpointError, match=f"{CONFIG_FILE}: {message}"):
         vqgan_flax.checkpoint.read_config(tmp_path / "vq")
     assert read_hf_metadata(tmp_path / "vq") == {}  # none there: a plain HF directory
+    (tmp_path / "vq" / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=f"vq/config.json: {message}"):
+        load_hf_model(tmp_path / "vq")
+    (tmp_path / "vq" / "meta.json").write_text(content)
+    with pytest.raises(ValueError, match=f"vq/meta.json: {message}"):
+        checkpoint.read_metadata(tmp_path / "vq")
+    (tmp_path / "codes").mkdir()
+    (tmp_path / "codes" / META_FILE).write_text(content)
+    with pytest.raises(CodesError, match=f"{META_FILE}: {message}"):
+        CodesDir.open(tmp_path / "codes")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": "32"}, r"hidden_size='32' must be positive ints"),
+    ({"num_hidden_layers": 0, "vocab_size": True}, r"vocab_size=True, num_hidden_layers=0 must be positive ints"),
+    ({"num_attention_heads": 5}, r"hidden_size 32 is not divisible by num_attention_heads 5"),
+])
+def test_hf_config_values_of_the_wrong_kind_are_named(tmp_path, change, message):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=rf"hf/config.json: {message}"):
+        load_hf_model(path)

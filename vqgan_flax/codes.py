@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from vqgan_flax.atomic import TMP_SUFFIX, write_atomic
+from vqgan_flax.json_object import read_json_object
 from vqgan_flax.safe_pickle import NUMERIC_NUMPY, UnsafePickleError, restricted_load
 
 META_FILE = "meta.json"
@@ -124,11 +125,7 @@ def _read_invalid(path: Path, ids: Iterable[str]) -> frozenset[str]:
 
 def _read_meta(path: Path) -> CodesMeta:
     meta_path = path / META_FILE
-    try:
-        data = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CodesError(f"{meta_path}: cannot read codes metadata: {err}") from err
-    return CodesMeta.from_json(data, str(meta_path))
+    return CodesMeta.from_json(read_json_object(meta_path, CodesError), str(meta_path))
 
 
 class CodesDir(Mapping[str, np.ndarray]):

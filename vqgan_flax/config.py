@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from vqgan_flax.json_object import positive_int
+
 _GROUPS = 32  # taming's GroupNorm(32, ...): every normalised channel count must divide by it
 
 
@@ -31,6 +33,9 @@ class VQGANConfig:
     embed_dim: int = 256
 
     def __post_init__(self) -> None:
+        sizes = ("z_channels", "resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "n_embed", "embed_dim")
+        if bad := [f"{name}={getattr(self, name)!r}" for name in sizes if not positive_int(getattr(self, name))]:
+            raise ValueError(f"invalid VQGANConfig: {', '.join(bad)} must be positive ints")
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         problems = []

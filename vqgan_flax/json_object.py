@@ -1,9 +1,17 @@
-"""Reading one JSON object from a file, with errors that name the file: every metadata reader's first step."""
+"""Reading one JSON object from a file, with errors that name the file (every metadata reader's first step), and
+the check its sizes need."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+
+def positive_int(value: Any) -> bool:
+    """An int (numpy's too, not a bool) of at least 1: what a size read from a JSON file must be."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def read_json_object(path: Path, error: type[Exception], missing_ok: bool = False) -> dict[str, Any]:
