@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -68,16 +71,34 @@ def config_from_flags() -> Any:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with config mistakes as one line: an unknown `--config.key` (ml_collections raises
-    AttributeError, which absl does not report) or a config file whose get_config raises (absl would print the
-    traceback inside its message)."""
+    AttributeError, which absl does not report), a config file without get_config, or one whose code fails
+    (absl would print the traceback, or the traceback inside its message): its error at its line."""
     try:
         return FLAGS(argv)
     except AttributeError as e:
         reason = str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"')
+        if "has no attribute get_config" in reason:
+            sys.exit(f"error: --config {_config_file(argv)}: defines no get_config(arg) function")
         sys.exit(f"error: a --config.KEY override names no config field: {reason}")
     except flags.IllegalFlagValueError as e:
         lines = str(e).strip().splitlines()  # the flag, then (for a file) the traceback's last line
         sys.exit(f"error: {' '.join(dict.fromkeys([lines[0], lines[-1]]))}")
+    except Exception as e:  # raised by the config file's own code while it loaded
+        file = _config_file(argv)
+        line = e.lineno if isinstance(e, SyntaxError) else next(
+            (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if Path(f.filename) == Path(file)),
+            None)
+        sys.exit(f"error: --config {file}{f':{line}' if line else ''}: {type(e).__name__}: {e}")
+
+
+def _config_file(argv: list[str]) -> str:
+    """The file of `--config FILE[:VARIANT]` (or `--config=...`) in `argv`."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1].partition(":")[0]
+        if arg.startswith(("--config=", "-config=")):
+            return arg.partition("=")[2].partition(":")[0]
+    return "(the config file)"
 
 
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
@@ -321,11 +342,42 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
                          eval_iter_fn=make_eval_data(config, task.batch_axes))
 
 
+def _same_kind(value: Any, reference: Any) -> bool:
+    """Whether a config value may stand where the reference config has `reference` (an int where a float is)."""
+    if isinstance(reference, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(reference, bool)
+    if isinstance(reference, float):
+        return isinstance(value, (int, float))
+    if isinstance(reference, tuple):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(reference))
+
+
+def config_problems(config: Any, reference: Any, prefix: str = "") -> list[str]:
+    """Fields the trainer's own config file does not have (a typo would leave its default silently in force)
+    and values of another kind than its, each named; nested sections are compared the same way."""
+    problems = []
+    for key, value in config.items():
+        name = prefix + key
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            problems.append(f"{name} is no field" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        elif isinstance(reference[key], ml_collections.ConfigDict):
+            if isinstance(value, ml_collections.ConfigDict):
+                problems += config_problems(value, reference[key], f"{name}.")
+            else:
+                problems.append(f"{name} is a {type(value).__name__}, not a section")
+        elif not _same_kind(value, reference[key]):
+            problems.append(f"{name}={value!r} is a {type(value).__name__}, not a {type(reference[key]).__name__}")
+    return problems
+
+
 def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: str,
                    config_fields: tuple[str, ...]) -> None:
     """The trainer CLIs' main: check the flags, then `run_fn(config, workdir, dry=, topology=)` with the errors a
     user can cause as one line. `config_fields` are top-level fields only this trainer's configs have: a config
-    for the other trainer is refused by name, not by an AttributeError from deep inside."""
+    for the other trainer is refused by name, not by an AttributeError from deep inside. The config's fields
+    and their kinds must be those of `example_config`'s file (every variant of a shipped file has the same)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS["config"].present:
@@ -334,12 +386,18 @@ def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: 
         raise app.UsageError("--workdir is required (checkpoints and logs go there)")
     if FLAGS.topology and not FLAGS.dry_run:
         raise app.UsageError("--topology only makes sense with --dry_run")
+    if FLAGS.workdir and Path(FLAGS.workdir).exists() and not Path(FLAGS.workdir).is_dir():
+        raise app.UsageError(f"--workdir {FLAGS.workdir} exists and is not a directory")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
     try:
         config = config_from_flags()
         if missing := [f for f in config_fields if f not in config]:
             raise ValueError(f"--config {FLAGS['config'].config_filename} is not a config for this trainer (it has "
                              f"no {', '.join(missing)}); e.g. --config {example_config}")
+        reference = CONFIG_DIR / Path(example_config.partition(":")[0]).name  # absent where only the package is
+        if reference.is_file() and (problems := config_problems(config, load_config(str(reference)))):
+            raise ValueError(f"--config {FLAGS['config'].config_filename}: {'; '.join(problems)} (the fields of "
+                             f"configs/{reference.name})")
         run_fn(config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")

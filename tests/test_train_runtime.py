@@ -281,19 +281,24 @@ def _final(workdir, steps, mesh):
     return run_steps(config, mesh, workdir, steps)[1]
 
 
+def _finished(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=300)  # read, not wait(): a full pipe would block the child
+    assert proc.returncode == 0, out[-3000:]
+
+
 def test_resume_after_sigkill_is_exact(tmp_path):
     steps = 12
-    assert _train_cli(tmp_path / "straight", steps).wait(timeout=300) == 0
+    _finished(_train_cli(tmp_path / "straight", steps))
     proc = _train_cli(tmp_path / "killed", steps)
     ckpt_dir = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     done = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     assert done and done[-1] < steps, f"the run finished before it could be killed: {done}"
-    assert _train_cli(tmp_path / "killed", steps).wait(timeout=300) == 0
+    _finished(_train_cli(tmp_path / "killed", steps))
     mesh = mesh_of((1, 8, 1))
     straight, resumed = _final(tmp_path / "straight", steps, mesh), _final(tmp_path / "killed", steps, mesh)
     for key, value in params_of(straight).items():
@@ -376,6 +381,37 @@ def test_bad_config_is_a_clear_error_before_compiling(tmp_path, override, messag
     out, _ = _train_cli(tmp_path / "w", 2, override).communicate(timeout=120)
     assert message in out, out
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+_BASE = "import ml_collections\nfrom configs.stage1 import get_config as base\n\ndef get_config(arg=''):\n    c = base('tiny')\n"
+
+
+@pytest.mark.parametrize("body,message", [
+    (_BASE + "    c.train.num_step = 2\n    c.optim.lr = 1\n    return c\n",
+     "{file}: train.num_step is no field (did you mean train.num_steps?) (the fields of configs/stage1.py)"),
+    (_BASE + "    c = ml_collections.ConfigDict(dict(c, seed='42', mesh=3))\n"
+             "    c.train = ml_collections.ConfigDict(dict(c.train, global_batch_size=8.0))\n    return c\n",
+     "{file}: mesh is a int, not a section; seed='42' is a str, not a int; train.global_batch_size=8.0 is a float, "
+     "not a int"),
+    ("def get_config(arg=''):\n    return 1 +\n", "{file}:2: SyntaxError: invalid syntax"),
+    ("def get_config(arg=''):\n    return 1 / 0\n", "{file}:2: ZeroDivisionError: division by zero"),
+    ("X = 1\n", "{file}: defines no get_config(arg) function"),
+])
+def test_a_config_file_with_mistakes_is_one_line_naming_it(tmp_path, body, message):
+    file = tmp_path / "my_config.py"
+    file.write_text(body)
+    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(file), "--workdir", str(tmp_path / "w")]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: --config " + message.format(file=file)), \
+        out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "w").write_text("")
+    out, _ = _train_cli(tmp_path / "w", 2).communicate(timeout=120)
+    assert f"--workdir {tmp_path / 'w'} exists and is not a directory" in out and "Traceback" not in out, out
 
 
 @pytest.mark.parametrize("module,config,message", [
