@@ -42,6 +42,7 @@ from llmcxr_jax.data.mimic_files import (METADATA_CSV, REPORTS_DIR, SELECTED_VIE
                                          read_metadata_csv, read_split_csv, require_files, rows_of_split)
 from llmcxr_jax.data.mimic_records import REPORT_SKIPS, ReportCache
 from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
+from llmcxr_jax.data.text_files import decode_utf8
 from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import DEFAULT_SEED, choose_instruction
 from vqgan_flax.atomic import write_atomic
@@ -209,7 +210,7 @@ def _complete_lines(path: Path) -> tuple[list[str], int]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     # split on "\n" only: str.splitlines also breaks at U+2028, \x1c and others, which JSON strings may hold raw
-    return [line.decode("utf-8") for line in data[:end].split(b"\n")[:-1]], end
+    return decode_utf8(data[:end], path, EvalInputError).split("\n")[:-1], end
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import vqgan_flax
 from llmcxr_jax import checkpoint, parallel, prompts
 from llmcxr_jax.convert import HF_METADATA_FILE, load_hf_model, read_hf_metadata
+from llmcxr_jax.data.text_files import open_utf8
 from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
@@ -505,8 +506,10 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"image paths are only for cxr2report, not {args.task}")
     texts = list(args.input)
     if args.input_file:
-        lines = Path(args.input_file).read_text(encoding="utf-8").splitlines()
-        texts += [line for line in lines if line.strip()]
+        lines = open_utf8(Path(args.input_file), ValueError).read().splitlines()
+        if not (given := [line for line in lines if line.strip()]):
+            raise ValueError(f"--input_file {args.input_file}: no inputs in it (one per line; blank lines are skipped)")
+        texts += given
     if not texts:
         raise ValueError(f"{args.task} needs --input TEXT or --input_file FILE")
     return texts

@@ -42,8 +42,9 @@ class SamplingParams:
     candidates: int = 16
 
     def __post_init__(self) -> None:
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+        if not self.greedy and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (use greedy=True for argmax), got "
+                             f"{self.temperature}")
         if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 <= self.top_p <= 1.0:

@@ -369,6 +369,9 @@ def test_cli_reports_scores_result_files(tmp_path, capsys):
         evaluate.main(["reports", "--generated", str(path), "--reference", str(other), "--reference_key", "text"])
     with pytest.raises(SystemExit, match=r"^error: .*absent.jsonl"):
         evaluate.main(["reports", "--generated", str(tmp_path / "absent.jsonl")])
+    (tmp_path / "latin1.jsonl").write_bytes(path.read_bytes() + '{"dicom_id": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"^error: .*latin1.jsonl:4: not UTF-8 text: byte 0xe9"):
+        evaluate.main(["reports", "--generated", str(tmp_path / "latin1.jsonl")])
     with pytest.raises(SystemExit, match=r"^error: .*absent.pickle: no such file \(the eval_dicom_ids.pickle"):
         evaluate.main(["mimic", "--checkpoint", "C", "--vqgan", "V", "--manual_dir", str(tmp_path),
                        "--eval_ids", str(tmp_path / "absent.pickle"), "--out", str(tmp_path / "out")])

@@ -126,6 +126,9 @@ def test_cli_resample_failure_still_writes_what_came_back(dirs, tmp_path):
     (("--task", "instruct", "--input", "x", "--max_new_tokens", "0"), "--max_new_tokens must be >= 1, got 0"),
     (("--task", "instruct", "--input", "x", "--instruction", " "), "--instruction is empty"),
     (("--task", "instruct", "--input_file", "{tmp}"), "Is a directory: '{tmp}'"),
+    (("--task", "instruct", "--input_file", "{tmp}/file"), "--input_file {tmp}/file: no inputs in it"),
+    (("--task", "instruct", "--input_file", "{tmp}/latin1"), "{tmp}/latin1:2: not UTF-8 text: byte 0xe9"),
+    (("--task", "instruct", "--input", "x", "--temperature", "inf"), "temperature must be a finite number > 0"),
     (("--task", "instruct", "--input", "x", "--out", "{tmp}/file"), "File exists: '{tmp}/file'"),
     (("--task", "report2cxr", "--input", "x", "--image_mode", "resample", "--max_tries", "0"),
      "max_tries must be >= 1, got 0"),
@@ -133,7 +136,8 @@ def test_cli_resample_failure_still_writes_what_came_back(dirs, tmp_path):
      "max_new_tokens=8 cannot hold an image of 256 codes"),
 ])
 def test_cli_input_mistakes_are_one_line(dirs, tmp_path, args, message):
-    (tmp_path / "file").write_text("")
+    (tmp_path / "file").write_text(" \n\n")
+    (tmp_path / "latin1").write_bytes("fine\ncaf\u00e9\n".encode("latin-1"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(dirs, tmp_path / "out", *args)

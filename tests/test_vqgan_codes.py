@@ -301,6 +301,11 @@ def test_cli_bad_output_or_batch_size_is_one_error_line(vqgan_dir, tmp_path):
         encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "afile"), str(image)])
     with pytest.raises(SystemExit, match=r"^error: batch_size must be at least 1, got 0"):
         encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "codes"), "--batch_size", "0", str(image)])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "scan.tif").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^error: .*empty: no image files \(.jpg .jpeg .png .dcm .dicom\) in this "):
+        encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "none"), str(tmp_path / "empty")])
+    assert not (tmp_path / "none").exists()
     meta = CodesMeta(vqgan_flax.checkpoint.read_fingerprint(vqgan_dir), TINY.grid, TINY.num_codes, META.recipe)
     CodesWriter(tmp_path / "codes2", meta).write(["x1"], random_codes(1))
     with pytest.raises(SystemExit, match=r"^error: .*afile"):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vqgan_flax import checkpoint
 from vqgan_flax.codes import INVALID_FILE, CodesMeta, CodesWriter
-from vqgan_flax.images import DICOM_MODES, RECIPE, image_files, load_image, preprocess
+from vqgan_flax.images import DICOM_MODES, IMAGE_SUFFIXES, RECIPE, image_files, load_image, preprocess
 from vqgan_flax.model import VQGAN
 from vqgan_flax.parallel import DataParallel
 
@@ -30,11 +30,14 @@ ERRORS_FILE = "errors.tsv"
 
 
 def find_images(inputs: Sequence[str | Path]) -> dict[str, Path]:
-    """id (file stem) -> path for the given files and the image files under the given directories."""
+    """id (file stem) -> path for the given files and the image files under the given directories (a directory
+    without any is an error: a wrong path must not pass as an empty dataset)."""
     files: dict[Path, None] = {}
     for item in map(Path, inputs):
         if item.is_dir():
-            files.update(dict.fromkeys(image_files(item)))
+            if not (found := image_files(item)):
+                raise ValueError(f"{item}: no image files ({' '.join(IMAGE_SUFFIXES)}) in this directory or below")
+            files.update(dict.fromkeys(found))
         elif item.is_file():
             files[item] = None
         else:
