@@ -82,11 +82,10 @@ class EvalSampler(Protocol):
 class GenerateSampler:
     """`llmcxr_jax.generate.Sampler` as an EvalSampler.
 
-    That Sampler takes one instruction per call, so rows are grouped by instruction. Report→CXR defaults to
-    image_mode "resample", the original's loop (sample freely until exactly h·w codes come back, SPEC §10) but
-    bounded by `max_tries`. When tries run out for a row, the Sampler fails its whole call, so every row of that
-    instruction group gets no image (None; with batch_size 1 just that image); the original's decoding step drops
-    such records. "constrained" always gives an image but samples from another distribution than the original.
+    One call per batch, each row with its own instruction. Report→CXR defaults to image_mode "resample", the
+    original's loop (sample freely until exactly h·w codes come back, SPEC §10) but bounded by `max_tries`; a row
+    whose tries run out gets no image (None), which the original's decoding step drops. "constrained" always
+    gives an image but samples from another distribution than the original.
     """
 
     def __init__(self, sampler: Any, image_mode: str = "resample", max_tries: int = 10):
@@ -94,31 +93,19 @@ class GenerateSampler:
 
     def cxr_to_report(self, codes: np.ndarray, *, seed: int, instructions: Sequence[str],
                       max_new_tokens: int) -> list[str]:
-        return _per_instruction(instructions, lambda rows, instruction: self.sampler.cxr_to_report(
-            codes=codes[rows], instruction=instruction, seed=seed, max_new_tokens=max_new_tokens).texts)
+        return self.sampler.cxr_to_report(codes=codes, instruction=list(instructions), seed=seed,
+                                          max_new_tokens=max_new_tokens).texts
 
     def report_to_cxr(self, reports: Sequence[str], *, seed: int, instructions: Sequence[str],
                       max_new_tokens: int) -> list[np.ndarray | None]:
         from llmcxr_jax.generate import ImageGenerationError
 
-        def run(rows: list[int], instruction: str) -> Sequence[np.ndarray | None]:
-            try:
-                return self.sampler.report_to_cxr([reports[r] for r in rows], instruction=instruction, seed=seed,
-                                                  image_mode=self.image_mode, max_tries=self.max_tries,
-                                                  max_new_tokens=max_new_tokens).codes
-            except ImageGenerationError:
-                return [None] * len(rows)
-        return _per_instruction(instructions, run)
-
-
-def _per_instruction(instructions: Sequence[str], run: Callable[[list[int], str], Sequence]) -> list:
-    """`run(rows, instruction)` once per distinct instruction; its outputs put back in row order."""
-    out: list = [None] * len(instructions)
-    for instruction in dict.fromkeys(instructions):
-        rows = [r for r, x in enumerate(instructions) if x == instruction]
-        for r, value in zip(rows, run(rows, instruction), strict=True):
-            out[r] = value
-    return out
+        try:
+            return self.sampler.report_to_cxr(list(reports), instruction=list(instructions), seed=seed,
+                                              image_mode=self.image_mode, max_tries=self.max_tries,
+                                              max_new_tokens=max_new_tokens).codes
+        except ImageGenerationError as err:  # the rows that did yield an image keep it
+            return err.codes
 
 
 @dataclasses.dataclass(frozen=True)

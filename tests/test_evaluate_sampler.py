@@ -54,12 +54,11 @@ def test_generate_sampler_runs_the_protocol_with_a_tiny_model(tiny_sampler, sele
         assert isinstance(record["gen_report"], str)
         assert len(record["gen_image"]) == GRID[0] * GRID[1] and 0 <= min(record["gen_image"])
         assert max(record["gen_image"]) < NUM_CODES
-    expected = []  # one call per distinct instruction within each batch of two, in first-seen order
+    expected = []  # one call per direction and batch of two, each row with its own instruction
     for start in range(0, len(selection.items), 2):
         ids = [i.dicom_id for i in selection.items[start:start + 2]]
         for direction, tokens in (("cxr2report", 128), ("report2cxr", 300)):
-            wanted = [choose_instruction(SEED, i, direction) for i in ids]
-            expected += [(direction, w, wanted.count(w), tokens) for w in dict.fromkeys(wanted)]
+            expected.append((direction, [choose_instruction(SEED, i, direction) for i in ids], len(ids), tokens))
     assert calls == expected
 
 
@@ -68,3 +67,15 @@ def test_generate_sampler_records_no_image_when_resampling_runs_out(tiny_sampler
     one = dataclasses.replace(selection, items=selection.items[:1])
     records = read_results(run_mimic_protocol(one, lambda: adapter, tmp_path / "out", seed=SEED).path)
     assert records[0]["gen_image"] is None and isinstance(records[0]["gen_report"], str)
+
+
+def test_generate_sampler_keeps_the_images_of_rows_that_succeeded():
+    """Resampling that runs out for one row of a batch takes only that row's image, not its neighbours'."""
+    from llmcxr_jax.generate import ImageGenerationError
+
+    class OneRowFails:
+        def report_to_cxr(self, reports, **kw):
+            raise ImageGenerationError("1 of 2 rows did not yield an image", [1], [[3] * 16, None])
+
+    adapter = GenerateSampler(OneRowFails())
+    assert adapter.report_to_cxr(["a", "b"], seed=0, instructions=["i", "j"], max_new_tokens=300) == [[3] * 16, None]
