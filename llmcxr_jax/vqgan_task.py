@@ -330,14 +330,14 @@ def build_task(config: Any, preview: np.ndarray | None = None) -> trainer.Task:
 
 
 def export(model: VQGAN, discriminator: PatchDiscriminator, lpips: LPIPS | None, directory: str | Path,
-           disc_num_layers: int, extra_meta: dict[str, Any] | None = None) -> str:
+           extra_meta: dict[str, Any] | None = None) -> str:
     """Write the generator as a VQ-GAN directory that `vqgan_flax.load` reads; returns its fingerprint.
 
     loss.safetensors beside it holds the discriminator (with running statistics) and LPIPS in taming's names,
     as `vqgan_flax.convert` writes them, so a later fine-tuning run can start from the export.
     """
     Path(directory).mkdir(parents=True, exist_ok=True)  # loss tensors first: meta.json, written last, completes it
-    losses.write_loss_tensors(directory, losses.to_taming_tensors(discriminator, lpips, disc_num_layers))
+    losses.write_loss_tensors(directory, losses.to_taming_tensors(discriminator, lpips))
     return vq_checkpoint.write(directory, model.config, vq_checkpoint.params_of(model), extra_meta)
 
 
@@ -376,5 +376,4 @@ def export_workdir(workdir: str | Path, directory: str | Path, step: int | None 
         nnx.replace_by_pure_dict(state, restored[name])
         modules[name] = nnx.merge(graphdef, state)
     return export(modules["model"], modules["discriminator"], modules.get("lpips"), directory,
-                  loss_cfg.disc_num_layers, {"source": f"llmcxr_jax.train_vqgan workdir {Path(workdir).name}",
-                                             "step": int(step)})
+                  {"source": f"llmcxr_jax.train_vqgan workdir {Path(workdir).name}", "step": int(step)})

@@ -121,7 +121,7 @@ def test_lpips_from_a_converted_taming_checkpoint_and_back(taming, tmp_path):
     assert_close(DISTANCE(ours, nhwc(x), nhwc(y)), want, 1e-4, "distance")
     disc = losses.discriminator_from_tensors(discriminator_tensors(taming_discriminator(16)),
                                              losses.LossConfig(disc_ndf=16), "d")
-    back = losses.to_taming_tensors(disc, ours, 3)  # the discriminator's and LPIPS' tensors
+    back = losses.to_taming_tensors(disc, ours)  # the discriminator's and LPIPS' tensors
     for key, value in tensors.items():
         if ".scaling_layer." not in key:  # constants, not weights
             np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -176,7 +176,7 @@ def test_hinge_adaptive_weight_and_codebook_placement_match_taming(taming):
     np.testing.assert_allclose(float(losses.hinge_d_loss(jnp.asarray(real.numpy()), jnp.asarray(fake.numpy()))),
                                float(taming.vqperceptual.hinge_d_loss(real, fake)), rtol=1e-6)
 
-    q = QuantizerOutput(None, None, None, jnp.float32(2.0), jnp.float32(3.0))  # commitment 2, codebook 3
+    q = QuantizerOutput(None, None, jnp.float32(2.0), jnp.float32(3.0))  # commitment 2, codebook 3
     assert float(losses.codebook_loss(q, 0.25, legacy=True)) == 2.0 + 0.25 * 3.0
     assert float(losses.codebook_loss(q, 0.25, legacy=False)) == 0.25 * 2.0 + 3.0
 
@@ -222,7 +222,7 @@ def running_stats(d: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def assert_running_stats(ours, reference: torch.nn.Module) -> None:
-    back = losses.to_taming_tensors(ours, None, 3)
+    back = losses.to_taming_tensors(ours, None)
     for key, value in running_stats(reference).items():
         assert_close(back[key], value, 1e-5, key)
 
@@ -230,7 +230,7 @@ def assert_running_stats(ours, reference: torch.nn.Module) -> None:
 def test_patchgan_matches_taming_in_train_and_eval_mode():
     reference = taming_discriminator(64)
     ours = losses.discriminator_from_tensors(discriminator_tensors(reference), losses.LossConfig(), "d")
-    back = losses.to_taming_tensors(ours, None, 3)
+    back = losses.to_taming_tensors(ours, None)
     for key, value in discriminator_tensors(reference).items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -331,7 +331,7 @@ def test_generator_and_discriminator_steps_match_taming(taming, global_step, per
         else:
             assert_close(flat[name], want, rtol, name)
     assert sum(float(np.abs(w).max()) >= floor for w in want_grads.values()) > 0.8 * len(want_grads)
-    back = losses.to_taming_tensors(disc, None, 3)  # D(x̂) in train mode moved the running statistics
+    back = losses.to_taming_tensors(disc, None)  # D(x̂) in train mode moved the running statistics
     for key, value in stats_after_generator.items():
         assert_close(back[key], value, 1e-5, key)
 
@@ -340,7 +340,7 @@ def test_generator_and_discriminator_steps_match_taming(taming, global_step, per
     for ours_key in ("logits_real", "logits_fake"):
         np.testing.assert_allclose(float(d_metrics[ours_key]), float(d_log[f"train/{ours_key}"]), rtol=1e-4)
     graphdef, _, stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
-    back_grads = losses.to_taming_tensors(nnx.merge(graphdef, d_grads, stats), None, 3)
+    back_grads = losses.to_taming_tensors(nnx.merge(graphdef, d_grads, stats), None)
     for key, want in want_d_grads.items():
         if global_step < 3:
             assert float(np.abs(back_grads[losses.DISCRIMINATOR_PREFIX + key]).max()) == 0.0, key

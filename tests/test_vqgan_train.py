@@ -264,7 +264,7 @@ def test_fine_tuning_starts_from_a_converted_taming_checkpoint(tmp_path):
     generator = convert.to_flax({k: v.numpy() for k, v in state.items() if not k.startswith("loss.")})
     for name, value in vq_checkpoint.params_of(start.model).items():
         np.testing.assert_array_equal(value, generator[name], err_msg=name)
-    back = losses.to_taming_tensors(start.discriminator, None, 3)
+    back = losses.to_taming_tensors(start.discriminator, None)
     for key, value in disc.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(back[losses.DISCRIMINATOR_PREFIX + key], value.numpy(), err_msg=key)

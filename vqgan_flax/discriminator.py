@@ -77,7 +77,7 @@ class PatchDiscriminator(nnx.Module):
         return self.convs[-1](h)
 
 
-def taming_index(name: str, n_layers: int) -> int:
+def taming_index(name: str) -> int:
     """Position in taming's `main` Sequential of our `convs.i` / `norms.i` (activations take positions too)."""
     group, number = name.split(".")[:2]
     i = int(number)
@@ -91,9 +91,9 @@ def taming_index(name: str, n_layers: int) -> int:
 _LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean", "var": "running_var"}
 
 
-def taming_key(name: str, n_layers: int) -> str:
+def taming_key(name: str) -> str:
     """Our variable name (`convs.1.kernel`, `norms.0.mean`) -> its key under `loss.discriminator.`."""
-    return f"main.{taming_index(name, n_layers)}.{_LEAVES[name.rsplit('.', 1)[1]]}"
+    return f"main.{taming_index(name)}.{_LEAVES[name.rsplit('.', 1)[1]]}"
 
 
 def init_params(in_channels: int, ndf: int, n_layers: int, seed: int) -> dict[str, np.ndarray]:

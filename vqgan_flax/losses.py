@@ -273,15 +273,15 @@ def load_lpips(*, vqgan_dir: str | Path = "", vgg16_path: str | Path = "", heads
 def discriminator_from_tensors(tensors: Mapping[str, np.ndarray], cfg: LossConfig, source: str) -> PatchDiscriminator:
     """The PatchGAN (weights and BatchNorm running statistics) from taming's `loss.discriminator.main.*` tensors."""
     abstract = nnx.eval_shape(lambda: cfg.discriminator(nnx.Rngs(0)))
-    keys = {n: DISCRIMINATOR_PREFIX + disc_lib.taming_key(n, cfg.disc_num_layers) for n in shapes(abstract)}
+    keys = {n: DISCRIMINATOR_PREFIX + disc_lib.taming_key(n) for n in shapes(abstract)}
     arrays = _pick(tensors, keys, source, f"Expected taming's NLayerDiscriminator with n_layers="
                    f"{cfg.disc_num_layers}, ndf={cfg.disc_ndf} (loss.disc_num_layers / loss.disc_ndf).")
     return fill(abstract, arrays, source)
 
 
-def to_taming_tensors(discriminator: PatchDiscriminator, lpips: LPIPS | None, n_layers: int) -> dict[str, np.ndarray]:
+def to_taming_tensors(discriminator: PatchDiscriminator, lpips: LPIPS | None) -> dict[str, np.ndarray]:
     """`loss.*` tensors in taming's names and layouts (the inverse of the two readers above)."""
-    out = {DISCRIMINATOR_PREFIX + disc_lib.taming_key(n, n_layers): _conv_to_torch(n, v)
+    out = {DISCRIMINATOR_PREFIX + disc_lib.taming_key(n): _conv_to_torch(n, v)
            for n, v in flat_arrays(discriminator).items()}
     if lpips is not None:
         out.update({PERCEPTUAL_PREFIX + lpips_lib.taming_key(n): _conv_to_torch(n, v)

@@ -1,4 +1,5 @@
-"""taming-transformers==0.0.1's legacy VectorQuantizer (SPEC §11), including its beta placement."""
+"""taming-transformers==0.0.1's legacy VectorQuantizer (SPEC §11); its loss (with taming's beta placement) is
+`vqgan_flax.losses.codebook_loss` of the two terms returned here."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,15 +10,10 @@ from flax import nnx
 
 
 class QuantizerOutput(NamedTuple):
-    """What a training step needs from the quantizer.
-
-    `loss = commitment_loss + beta * codebook_loss` as taming computes it: beta scales the codebook
-    term, not the commitment term (SPEC "Legacy beta quirk").
-    """
+    """What a training step needs from the quantizer: the two loss terms, which `losses.codebook_loss` weighs."""
 
     z_q: jax.Array  # straight-through latents, (B, h, w, D) fp32
     indices: jax.Array  # int32 (B, h, w), raster order
-    loss: jax.Array
     commitment_loss: jax.Array  # mean((sg(z_q) - z)^2): pulls the encoder to the codebook
     codebook_loss: jax.Array  # mean((z_q - sg(z))^2): pulls the codebook to the encoder
 
@@ -25,10 +21,9 @@ class QuantizerOutput(NamedTuple):
 class VectorQuantizer(nnx.Module):
     """Nearest-codebook-entry lookup; the codebook lives at `quantize.embedding` like taming's key."""
 
-    def __init__(self, n_embed: int, embed_dim: int, *, beta: float = 0.25, rngs: nnx.Rngs):
+    def __init__(self, n_embed: int, embed_dim: int, *, rngs: nnx.Rngs):
         limit = 1.0 / n_embed  # taming's init: U(-1/n, 1/n)
         self.embedding = nnx.Param(jax.random.uniform(rngs.params(), (n_embed, embed_dim), jnp.float32, -limit, limit))
-        self.beta = beta
 
     def indices(self, z: jax.Array) -> jax.Array:
         """argmin over ‖z‖² + ‖e‖² − 2 z·e in fp32 (first index on ties), as taming computes it."""
@@ -49,4 +44,4 @@ class VectorQuantizer(nnx.Module):
         commitment = jnp.mean((jax.lax.stop_gradient(z_q) - z) ** 2)
         codebook = jnp.mean((z_q - jax.lax.stop_gradient(z)) ** 2)
         straight_through = z + jax.lax.stop_gradient(z_q - z)
-        return QuantizerOutput(straight_through, indices, commitment + self.beta * codebook, commitment, codebook)
+        return QuantizerOutput(straight_through, indices, commitment, codebook)

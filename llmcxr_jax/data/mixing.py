@@ -77,11 +77,6 @@ class AllExhaustedMix(grain.transforms.DatasetSelectionMap):
         j = int(self._pattern[r])
         return j, int(epoch * self._per_epoch[j] + q * self._proportions[j] + self._rank[r])
 
-    @property
-    def per_epoch(self) -> tuple[int, ...]:
-        """How many elements each source contributes to one epoch of the mix (>= its size)."""
-        return tuple(int(c) for c in self._per_epoch)
-
 
 def mix_all_exhausted(datasets: Sequence[grain.MapDataset], weights: Sequence[float],
                       sizes: Sequence[int] | None = None) -> grain.MapDataset:
