@@ -22,7 +22,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
 from llmcxr_jax.tokenizer import END_KEY, LlmCxrTokenizer
 from vqgan_flax.images import ImageLoadError, ImageTooSmallError, load_image, postprocess, preprocess
+from vqgan_flax.parallel import DataParallel
 
 TASKS = ("report2cxr", "cxr2report", "instruct")
 IMAGE_MODES = ("constrained", "resample")
@@ -131,7 +132,7 @@ class Sampler:
         self._decode = jax.jit(lambda *args, spec: _decode_batch(graphdef, *args, spec=spec),
                                static_argnames="spec")
         self._compiled: dict[tuple[Any, ...], Any] = {}
-        self._vqgan_fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        self._vqgan_fns: dict[str, DataParallel] = {}
         self._image_open = tokenizer.image_placeholder_ids[0]
         # `>` then the template's tail "\n\n### End" (SPEC §3): the rest of a training sequence after the codes.
         self._image_close = [tokenizer.image_placeholder_ids[2], *tokenizer.encode("\n\n" + END_KEY)]
@@ -373,7 +374,7 @@ class Sampler:
         return self.image_grid
 
     def _vqgan(self, op: Literal["encode", "decode"], batch: np.ndarray) -> np.ndarray:
-        """VQ-GAN encode or decode in fixed-size chunks (one compile per op)."""
+        """VQ-GAN encode or decode in chunks of one compiled size (one compile per op)."""
         if self.vqgan is None:
             raise ValueError(f"no VQ-GAN loaded, so images cannot be {op}d; pass vqgan_dir / --vqgan")
         if len(batch) == 0:
@@ -381,18 +382,10 @@ class Sampler:
             shape = (0, *cfg.grid) if op == "encode" else (0, cfg.resolution, cfg.resolution, 3)
             return np.zeros(shape, np.int32 if op == "encode" else np.float32)
         if op not in self._vqgan_fns:
-            graphdef, state = nnx.split(self.vqgan)
-            fn = jax.jit(lambda s, x: getattr(nnx.merge(graphdef, s), op)(x))
-            self._vqgan_fns[op] = lambda x: np.asarray(fn(state, x))
-        return np.concatenate([self._vqgan_fns[op](chunk)[:n] for chunk, n in _chunks(batch, self.batch_size)])
-
-
-def _chunks(array: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Chunks of exactly `size` rows (the last padded by repeating its final row) and their real row counts."""
-    for start in range(0, len(array), size):
-        chunk = array[start:start + size]
-        n = len(chunk)
-        yield np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)]), n
+            self._vqgan_fns[op] = DataParallel(getattr(vqgan_flax.VQGAN, op), self.vqgan, self.batch_size)
+        run = self._vqgan_fns[op]
+        return np.concatenate([run(batch[start:start + run.batch_size])
+                               for start in range(0, len(batch), run.batch_size)])
 
 
 def _trim(tokens: np.ndarray, steps: int, end_id: int | None) -> np.ndarray:
