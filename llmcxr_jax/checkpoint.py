@@ -151,14 +151,9 @@ def workdir_step(workdir: str | Path, step: int | None = None) -> Iterator[tuple
 def _abstract_params(cfg: GPTNeoXConfig, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
     """(graphdef, abstract state, restore target with shardings) for a model config; nothing is allocated."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0))))
-    pure = nnx.to_pure_dict(state)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, pure)
-    else:
-        shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
-    return graphdef, state, target
+    shardings = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                 else nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules)))
+    return graphdef, state, parallel.abstract_arrays(nnx.to_pure_dict(state), shardings)
 
 
 def _process_file() -> str:

@@ -147,6 +147,14 @@ def per_device_bytes(tree: Any) -> int:
     return max(totals.values(), default=0)
 
 
+def abstract_arrays(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s arrays placed by `shardings` (a tree like it, or one sharding for all): what
+    lowering a step and an Orbax restore take, with nothing allocated."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def total_bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -244,9 +243,9 @@ def lower_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...]
     graphdef, abstract, shardings = trainer.state_shardings(task, mesh, rules)
     batch_sh = trainer.batch_shardings(task, mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k]) for k, (shape, dtype) in batch_shapes.items()}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with jax.set_mesh(mesh), parallel.use_rules(rules):
-        return trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(state, batch)
+        return trainer.compile_train_step(task, graphdef, shardings, batch_sh).lower(
+            parallel.abstract_arrays(abstract, shardings), batch)
 
 
 def compile_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: jax.sharding.Mesh,
@@ -273,7 +272,7 @@ def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], A
     mem = compiled.memory_analysis()
     report = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
               "temporaries": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes}
-    state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+    state_bytes = parallel.total_bytes(abstract)
     platform = mesh.devices.flat[0].platform
     print(f"dry run: one step of {what} compiled for {mesh.devices.size} {platform} devices, "
           f"mesh {dict(mesh.shape)}")

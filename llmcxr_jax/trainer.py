@@ -315,8 +315,7 @@ def train(task: Task, loop: LoopConfig, *, mesh: Mesh, rules: parallel.Rules, wo
             if start is not None:
                 if task.check_restored_metadata is not None:  # before any array: a clear error, not a shape one
                     task.check_restored_metadata(ckpts.read_meta(start))
-                target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+                target = parallel.abstract_arrays(nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
                 pure, data_state, _ = ckpts.restore(start, target)
                 state = abstract
                 nnx.replace_by_pure_dict(state, pure)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmcxr_jax import trainer
+from llmcxr_jax import parallel, trainer
 from vqgan_flax import checkpoint as vq_checkpoint
 from vqgan_flax import discriminator as disc_lib
 from vqgan_flax import losses
@@ -345,8 +345,7 @@ def _restore_target(module: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, abstract state, Orbax target on the first local device) of an abstract module."""
     graphdef, state = nnx.split(module)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
-    return graphdef, state, target
+    return graphdef, state, parallel.abstract_arrays(nnx.to_pure_dict(state), device)
 
 
 def export_workdir(workdir: str | Path, directory: str | Path, step: int | None = None) -> str | None:
