@@ -250,12 +250,7 @@ def flops_per_token(cfg: GPTNeoXConfig, seq_len: int) -> float:
 
 def model_config_from(config: Any) -> GPTNeoXConfig:
     """`config.model` (a ConfigDict of GPTNeoXConfig fields) → GPTNeoXConfig, naming unknown fields."""
-    fields = dict(config.model)
-    known = {f.name for f in dataclasses.fields(GPTNeoXConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
-    return GPTNeoXConfig(**fields)
+    return trainer.dataclass_from_section(GPTNeoXConfig, config.model, "config.model")
 
 
 def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps: int,

@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,17 @@ class LoopConfig:
     keep_epoch_checkpoints: int = 0
     async_checkpoints: bool = True
     progress: bool = True
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_section(cls: type[T], section: Any, name: str) -> T:
+    """A config section (ConfigDict) of `cls`'s fields → `cls`, naming fields it does not have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(section) - known):
+        raise ValueError(f"{name} has unknown fields {unknown}; known: {sorted(known)}")
+    return cls(**dict(section))
 
 
 def loop_config(train_config: Any, total_steps: int, epoch_steps: int = 0) -> LoopConfig:

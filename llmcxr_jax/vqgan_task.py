@@ -205,11 +205,7 @@ def vqgan_config_from(config: Any) -> VQGANConfig:
 
 
 def loss_config_from(config: Any) -> losses.LossConfig:
-    known = {f.name for f in dataclasses.fields(losses.LossConfig)}
-    unknown = sorted(set(config.loss) - known)
-    if unknown:
-        raise ValueError(f"config.loss has unknown fields {unknown}; known: {sorted(known)}")
-    return losses.LossConfig(**dict(config.loss))
+    return trainer.dataclass_from_section(losses.LossConfig, config.loss, "config.loss")
 
 
 def learning_rate(config: Any) -> float:

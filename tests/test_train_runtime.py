@@ -514,3 +514,16 @@ def test_ctrl_c_while_a_stop_is_pending_aborts():
             assert preemption.stop_now(0)
             with pytest.raises(KeyboardInterrupt):
                 signal.raise_signal(signal.SIGINT)
+
+
+def test_config_sections_name_fields_their_dataclass_lacks():
+    from llmcxr_jax import vqgan_task
+
+    config = load_config("stage1")
+    config.model.hidden_sise = 64
+    with pytest.raises(ValueError, match=r"config.model has unknown fields \['hidden_sise'\]; known: \[.*'hidden_size'"):
+        lm_task.model_config_from(config)
+    vq = load_config("vqgan")
+    vq.loss.disc_wieght = 0.5
+    with pytest.raises(ValueError, match=r"config.loss has unknown fields \['disc_wieght'\]; known: \[.*'disc_weight'"):
+        vqgan_task.loss_config_from(vq)
