@@ -129,7 +129,7 @@ class TensorSource:
         if path not in self._opened:
             if not path.exists():
                 raise ConversionError(f"{path}: weight file named by the index is missing")
-            self._opened[path] = _open_safetensors(path) if path.suffix == ".safetensors" else _open_torch_bin(path)
+            self._opened[path] = _open_safetensors(path) if path.suffix == ".safetensors" else _TorchBin(path)
         return self._opened[path]
 
     def names(self) -> set[str]:
@@ -178,10 +178,6 @@ class _TorchBin:
         if t.dtype == self._torch.bfloat16:
             return t.view(self._torch.int16).numpy().view(jnp.bfloat16)
         return t.numpy()
-
-
-def _open_torch_bin(path: Path) -> _TorchBin:
-    return _TorchBin(path)
 
 
 def _check_names(src: TensorSource, table: list[Row], cfg: GPTNeoXConfig) -> None:

@@ -394,11 +394,9 @@ def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
     out_kernel = p["out_kernel"].reshape(-1, x.shape[-1]).astype(dt)
     attn = add_bias(_matmul(attn.reshape(-1, out_kernel.shape[0]), out_kernel), p["out_bias"].astype(dt))
     attn = attn.reshape(x.shape)
-    if cfg.use_parallel_residual:
-        m_in = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
-    else:
+    if not cfg.use_parallel_residual:  # sequential: the MLP reads the attention's output
         x = x + attn
-        m_in = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
+    m_in = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
     # The MLP runs on (batch·length, embed) rows: XLA:CPU's backward of a 3-D dot fused with GELU was several
     # times slower than the 2-D form (NOTES.md, demo step); the reshapes are free bitcasts.
     rows = m_in.reshape(-1, m_in.shape[-1])

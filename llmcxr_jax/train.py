@@ -141,9 +141,6 @@ def load_tokenizer(config: Any) -> LlmCxrTokenizer:
     return LlmCxrTokenizer.from_pretrained(config.tokenizer or None, num_image_codes=config.vqgan.num_codes)
 
 
-SPLITS = {"train": "train", "validation": "validation"}
-
-
 def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
     """Random-access sources by kind for one split, and the VQ-GAN fingerprint their codes were made with."""
     import tensorflow_datasets as tfds
@@ -157,7 +154,7 @@ def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
             continue
         try:
             builder = tfds.builder(name, data_dir=config.data.data_dir or None)
-            sources[kind] = builder.as_data_source(split=SPLITS[split])
+            sources[kind] = builder.as_data_source(split=split)
         except Exception as e:  # TFDS raises several types for a dataset that was never prepared
             raise FileNotFoundError(f"data: cannot open {name!r} ({split}) in data_dir {config.data.data_dir!r}: "
                                     f"{e}. Build it first (see README, 'Preparing data').") from None

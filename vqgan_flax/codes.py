@@ -310,5 +310,4 @@ def export_pickle(codes: CodesDir, path: str | Path) -> None:
     out = {image_id: grid.reshape(-1).tolist() for image_id, grid in codes.items()}
     size = codes.meta.grid[0] * codes.meta.grid[1]
     out.update((image_id, [codes.meta.num_codes] * size) for image_id in sorted(codes.invalid_ids))
-    with Path(path).open("wb") as f:
-        pickle.dump(out, f, protocol=4)
+    write_atomic(Path(path), pickle.dumps(out, protocol=4))

@@ -77,7 +77,8 @@ def _mentions(clause: str) -> list[tuple[int, int, str]]:
     return sorted((m.start(), m.end(), kind) for kind, p in MENTION_PATTERNS.items() for m in p.finditer(clause))
 
 
-def _negated(clause: str, start: int, end: int) -> bool:
+def _negated(clause: str, end: int) -> bool:
+    """Whether a mention ending at `end` is negated by a cue before its end or after it."""
     return bool(PRE_NEGATION.search(clause[:end]) or POST_NEGATION.search(clause[end:]))
 
 
@@ -118,8 +119,8 @@ def _mention_sides(clause: str, mentions: list[tuple[int, int, str]]) -> list[se
 def _clause_labels(clause: str, positive: set[str]) -> None:
     mentions = _mentions(clause)
     sides = _mention_sides(clause, mentions)
-    for (start, end, kind), found in zip(mentions, sides):
-        if _negated(clause, start, end):
+    for (_, end, kind), found in zip(mentions, sides):
+        if _negated(clause, end):
             continue
         if kind not in SIDED_KINDS:
             positive.add(kind)
