@@ -242,8 +242,8 @@ class TrainCheckpoints:
         with quiet:
             options = ocp.CheckpointManagerOptions(**keeping, enable_async_checkpointing=async_save and not read_only,
                                                    create=not read_only, read_only=read_only)
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_names=("state", "data", "meta"))
+            # Items are named by the Composite args of each save and restore (item_names is deprecated).
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
