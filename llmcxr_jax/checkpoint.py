@@ -164,6 +164,20 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint's files cannot be read; the message names the step's directory and how to go on."""
 
 
+# TensorStore's status codes for bytes that are missing or do not decode (its errors reach us as their text)
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def _damage(error: BaseException) -> str | None:
+    """The first line of what says a checkpoint's files are damaged, anywhere in `error`'s chain; else None."""
+    while error is not None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        if isinstance(error, (json.JSONDecodeError, FileNotFoundError)) or first.startswith(_DAMAGE_CODES):
+            return first
+        error = error.__cause__
+    return None
+
+
 class ProcessJsonHandler(ocp.CheckpointHandler):
     """One JSON file per process, `process_<i>-of-<n>.json`, each restored by the process that wrote it.
 
@@ -179,8 +193,8 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         path = directory / _process_file()
         if not path.exists():
             found = sorted(p.name for p in directory.glob("process_*.json"))
-            if not found:
-                raise OSError(f"{path}: missing, and no other process's data state is there either")
+            if any(name.endswith(f"-of-{jax.process_count()}.json") for name in found) or not found:
+                raise FileNotFoundError(f"{path}: missing (the checkpoint holds the data states {found})")
             raise ValueError(f"{path}: missing; this checkpoint holds the data states {found}. Resume with as many "
                              "processes as wrote it")
         return json.loads(path.read_text())
@@ -276,24 +290,19 @@ class TrainCheckpoints:
         return self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def _read(self, step: int, args: ocp.args.Composite) -> Any:
-        """Orbax's restore, with a checkpoint whose files cannot be read (truncated, corrupted, deleted) as one
-        error that names the step's directory and the way on. ValueErrors other than a JSON file's (shapes that
-        do not match the request, a process count) are the caller's to explain and pass through."""
+        """Orbax's restore, with a checkpoint whose files are damaged (truncated, corrupted, deleted) as one error
+        that names the step's directory and the way on. Anything else (no permission, no memory, shapes that do
+        not match the request, another process count) passes through: moving that step aside would not help."""
         try:
             return self._manager.restore(step, args=args)
         except Exception as e:
-            if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError):
+            if (reason := _damage(e)) is None:
                 raise
-            raise DamagedCheckpointError(self._damaged_message(step, e)) from e
-
-    def _damaged_message(self, step: int, error: BaseException) -> str:
-        while error.__cause__ is not None:  # TensorStore's reason sits under Orbax's generic wrapper
-            error = error.__cause__
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        earlier = [s for s in self.all_steps() if s < step]
-        way_on = (f"resume from step {earlier[-1]}" if earlier else "start again")
-        return (f"{self.directory / str(step)}: damaged or incomplete, cannot be read ({lines[0][:300]}); move it "
-                f"aside (mv {self.directory / str(step)} {self.directory}/damaged-{step}) to {way_on}")
+            earlier = [s for s in self.all_steps() if s < step]
+            way_on = (f"resume from step {earlier[-1]}" if earlier else "start again")
+            raise DamagedCheckpointError(
+                f"{self.directory / str(step)}: damaged or incomplete, cannot be read ({reason}); move it aside "
+                f"(mv {self.directory / str(step)} {self.directory}/damaged-{step}) to {way_on}") from e
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

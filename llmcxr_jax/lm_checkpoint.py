@@ -25,10 +25,15 @@ def checkpoint_kind(path: str | Path) -> Kind:
                             "checkpoint) or checkpoints/ (training workdir)")
 
 
+def finished_steps(workdir: Path) -> list[int]:
+    """A training workdir's complete steps (Orbax renames a step's directory to its number once written)."""
+    directory = workdir / "checkpoints"
+    return [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+
+
 def latest_step(workdir: Path) -> int:
-    """The newest complete training step (Orbax renames a step's directory to its number once written)."""
-    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.is_dir() and p.name.isdigit()]
-    if not steps:
+    """The newest complete training step."""
+    if not (steps := finished_steps(workdir)):
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no complete checkpoint step yet")
     return max(steps)
 

@@ -12,6 +12,7 @@ import importlib.resources
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -198,8 +199,12 @@ class LlmCxrTokenizer:
         text, even when the layout (and so every shape) is equal. A directory with none passes."""
         if not (Path(directory) / TOKENIZER_FILE).is_file():
             return
-        saved = LlmCxrTokenizer.from_pretrained(directory)
-        if saved.layout != self.layout or json.loads(saved._tok.to_str()) != json.loads(self._tok.to_str()):
+        try:
+            saved = LlmCxrTokenizer.from_pretrained(directory)
+        except TokenizerLayoutError as err:  # e.g. a converted dolly-v2-3b, before LLM-CXR's keys
+            raise ValueError(f"{what} {directory}: its tokenizer has not LLM-CXR's token layout ({err}); a text "
+                             "model such as dolly-v2-3b starts stage 1 from its HF directory (init.hf_dir)") from None
+        if saved.layout != self.layout or _vocabulary(saved) != _vocabulary(self):
             raise ValueError(f"{what} {directory} was trained with another tokenizer than this run's "
                              f"({self.source}): set config.tokenizer to {directory}, or use another workdir")
 
@@ -302,6 +307,13 @@ class LlmCxrTokenizer:
     def __repr__(self) -> str:
         return (f"LlmCxrTokenizer({self.source}, text_vocab_size={self.text_vocab_size}, "
                 f"num_image_codes={self.num_image_codes})")
+
+
+def _vocabulary(tokenizer: LlmCxrTokenizer) -> dict[str, Any]:
+    """A tokenizer's JSON without the truncation and padding settings that transformers may store with it: the
+    parts that decide which ids a text gets."""
+    data = json.loads(tokenizer.backend.to_str())
+    return {k: v for k, v in data.items() if k not in ("truncation", "padding")}
 
 
 def _read_json(path: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import numbers
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llmcxr_jax import aot, checkpoint, lm_task, model, parallel, trainer
+from llmcxr_jax.lm_checkpoint import finished_steps
 
 if TYPE_CHECKING:
     from llmcxr_jax.tokenizer import LlmCxrTokenizer
@@ -74,20 +76,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     (absl would print the traceback, or the traceback inside its message): its error at its line."""
     try:
         return FLAGS(argv)
-    except AttributeError as e:
-        reason = str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"')
-        if "has no attribute get_config" in reason:
-            sys.exit(f"error: --config {_config_file(argv)}: defines no get_config(arg) function")
-        sys.exit(f"error: a --config.KEY override names no config field: {reason}")
     except flags.IllegalFlagValueError as e:
         lines = str(e).strip().splitlines()  # the flag, then (for a file) the traceback's last line
         sys.exit(f"error: {' '.join(dict.fromkeys([lines[0], lines[-1]]))}")
-    except Exception as e:  # raised by the config file's own code while it loaded
+    except flags.Error as e:  # absl's own: an unknown flag, a missing value
+        sys.exit(f"error: {e}")
+    except Exception as e:
         file = _config_file(argv)
-        line = e.lineno if isinstance(e, SyntaxError) else next(
+        line = e.lineno if isinstance(e, SyntaxError) and Path(e.filename or "") == Path(file) else next(
             (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if Path(f.filename) == Path(file)),
             None)
-        sys.exit(f"error: --config {file}{f':{line}' if line else ''}: {type(e).__name__}: {e}")
+        # ml_collections' AttributeErrors carry the repr of a message with a newline in it
+        reason = str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"') \
+            if isinstance(e, AttributeError) else str(e)
+        if line is not None:  # raised by the config file's own code while it loaded
+            sys.exit(f"error: --config {file}:{line}: {type(e).__name__}: {reason}")
+        if isinstance(e, AttributeError) and "has no attribute get_config" in reason:
+            sys.exit(f"error: --config {file}: defines no get_config(arg) function")
+        if isinstance(e, AttributeError):
+            sys.exit(f"error: a --config.KEY override names no config field: {reason}")
+        raise
 
 
 def _config_file(argv: list[str]) -> str:
@@ -330,8 +338,9 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
         tokenizer, local_workdir = load_tokenizer(config), checkpoint.local_path(workdir, "--workdir")
         if config.init.workdir:
             tokenizer.require_same_as_saved(config.init.workdir, "init.workdir")
-        tokenizer.require_same_as_saved(local_workdir, "--workdir")  # resuming: kept, not overwritten
-        if jax.process_index() == 0:
+        if finished_steps(local_workdir):  # weights trained there: their tokenizer is kept
+            tokenizer.require_same_as_saved(local_workdir, "--workdir")
+        if jax.process_index() == 0:  # atomic rewrites of what every process checked: the same tokenizer
             tokenizer.save(local_workdir)  # the sampler reads it from there
     loop = trainer.loop_config(config.train, steps, epoch_steps=steps_per_epoch or 0)
     return trainer.train(task, loop, mesh=mesh, rules=rules, workdir=workdir, train_iter=train_iter,
@@ -339,11 +348,16 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
 
 
 def _same_kind(value: Any, reference: Any) -> bool:
-    """Whether a config value may stand where the reference config has `reference` (an int where a float is)."""
+    """Whether a config value may stand where the reference config has `reference`: an int where a float is,
+    numpy numbers, and None (ml_collections' "unset", which the code reads as the default)."""
+    if value is None:
+        return True
     if isinstance(reference, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(reference, bool)
+        return isinstance(value, (bool, np.bool_)) and isinstance(reference, bool)
+    if isinstance(reference, int):
+        return isinstance(value, numbers.Integral)
     if isinstance(reference, float):
-        return isinstance(value, (int, float))
+        return isinstance(value, numbers.Real)
     if isinstance(reference, tuple):
         return isinstance(value, (tuple, list))
     return isinstance(value, type(reference))

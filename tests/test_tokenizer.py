@@ -255,6 +255,17 @@ def test_a_saved_tokenizer_is_recognised_and_another_refused(small, tmp_path):
     with pytest.raises(ValueError, match=f"--workdir {directory} was trained with another tokenizer than this "
                                          r"run's \(ids swapped\)"):
         other.require_same_as_saved(directory, "--workdir")
+    saved = json.loads((directory / "tokenizer.json").read_text())  # transformers may store these settings too
+    saved.update(truncation={"max_length": 2048, "strategy": "LongestFirst", "stride": 0, "direction": "Right"},
+                 padding={"strategy": "BatchLongest", "direction": "Right", "pad_id": 0, "pad_type_id": 0,
+                          "pad_token": "<|endoftext|>", "pad_to_multiple_of": None})
+    (directory / "tokenizer.json").write_text(json.dumps(saved))
+    small.require_same_as_saved(directory, "--workdir")
+    (directory / "tokenizer.json").write_text(Tokenizer.from_str(small.backend.to_str()).to_str()
+                                              .replace('"### End"', '"### Fin"'))
+    with pytest.raises(ValueError, match=f"init.workdir {directory}: its tokenizer has not LLM-CXR's token layout "
+                                         r"\(.*\); a text model such as dolly-v2-3b starts stage 1 from its HF"):
+        small.require_same_as_saved(directory, "init.workdir")
 
 
 def test_small_tokenizer_too_small_to_hold_image(tmp_path):

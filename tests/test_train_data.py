@@ -55,15 +55,20 @@ def test_trains_and_evaluates_on_the_built_dataset(prepared, tmp_path):
 def test_resuming_with_another_tokenizer_is_refused_and_keeps_the_workdirs(prepared, tmp_path):
     """Same layout and shapes, other ids for the same text: training on would silently relearn the vocabulary."""
     root, tokenizer = prepared
-    assert _train(root, tokenizer, tmp_path / "w").returncode == 0
-    saved = (tmp_path / "w" / "tokenizer.json").read_bytes()
     with_two_ids_swapped(tokenizer).save(tmp_path / "other")
+    with_two_ids_swapped(tokenizer).save(tmp_path / "w")  # a first try that died before any checkpoint
+    first = _train(root, tokenizer, tmp_path / "w")
+    assert first.returncode == 0, first.stderr[-3000:]  # nothing was trained with it: replaced
+    saved = (tmp_path / "w" / "tokenizer.json").read_bytes()
+    assert LlmCxrTokenizer.from_pretrained(tmp_path / "w").encode_batch(["lungs heart"]) == \
+        tokenizer.encode_batch(["lungs heart"])
+    assert _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=3").returncode == 0  # same: resumes
     out = _train(root, tokenizer, tmp_path / "w", "--config.train.num_steps=4",
                  f"--config.tokenizer={tmp_path / 'other'}")
     assert out.returncode == 1 and f"--workdir {tmp_path / 'w'} was trained with another tokenizer" in out.stderr, \
         out.stderr[-2000:]
     assert (tmp_path / "w" / "tokenizer.json").read_bytes() == saved
-    assert not (tmp_path / "w" / "checkpoints" / "4").exists()
+    assert (tmp_path / "w" / "checkpoints" / "3").exists() and not (tmp_path / "w" / "checkpoints" / "4").exists()
     out = _train(root, tokenizer, tmp_path / "next", f"--config.init.workdir={tmp_path / 'w'}",
                  f"--config.tokenizer={tmp_path / 'other'}")  # the next stage, from that workdir
     assert out.returncode == 1 and f"init.workdir {tmp_path / 'w'} was trained with another tokenizer" in out.stderr

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from hf_reference import save_hf, tiny_hf_model
-from llmcxr_jax import checkpoint, lm_task, optim, parallel, trainer
+from llmcxr_jax import checkpoint, lm_task, optim, parallel, train, trainer
 from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tiny_task
 
 
@@ -396,6 +396,8 @@ _BASE = "import ml_collections\nfrom configs.stage1 import get_config as base\n\
     ("def get_config(arg=''):\n    return 1 +\n", "{file}:2: SyntaxError: invalid syntax"),
     ("def get_config(arg=''):\n    return 1 / 0\n", "{file}:2: ZeroDivisionError: division by zero"),
     ("X = 1\n", "{file}: defines no get_config(arg) function"),
+    (_BASE + "    c.trian.num_steps = 2\n    return c\n",
+     "{file}:6: AttributeError: trian Did you mean \"train\" instead of \"trian\"?"),
 ])
 def test_a_config_file_with_mistakes_is_one_line_naming_it(tmp_path, body, message):
     file = tmp_path / "my_config.py"
@@ -406,6 +408,27 @@ def test_a_config_file_with_mistakes_is_one_line_naming_it(tmp_path, body, messa
     assert out.returncode == 1 and out.stderr.startswith("error: --config " + message.format(file=file)), \
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_an_unknown_flag_is_not_blamed_on_the_config_file(tmp_path):
+    cmd = [sys.executable, "-m", "llmcxr_jax.train", "--config", str(ROOT / "configs/stage1.py:tiny"), "--workdirr",
+           str(tmp_path / "w")]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: Unknown command line flag 'workdirr'"), out.stderr
+
+
+def test_none_and_numpy_numbers_pass_the_config_check():
+    """ml_collections lets None stand for any field (the code reads it as unset); numpy numbers are numbers."""
+    import ml_collections
+
+    reference = train.load_config("stage1:")
+    config = load_config("stage1")
+    config.init.step, config.tokenizer = None, None
+    assert train.config_problems(config, reference) == []
+    built = ml_collections.ConfigDict({"train": {"global_batch_size": np.int64(8), "progress": 1},
+                                       "optim": {"lr": np.float32(1e-3)}})  # a file may build its own
+    assert train.config_problems(built, reference) == ["train.progress=1 is a int, not a bool"]
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
@@ -469,7 +492,7 @@ def _truncate_largest_array_file(step_dir):
     (_truncate_largest_array_file, r"OUT_OF_RANGE: .* is not valid for value of size 1000"),
     (lambda step_dir: (step_dir / "state" / "_METADATA").write_text(""), r"Expecting value"),
     (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").write_text("{bad"), r"Expecting property name"),
-    (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").unlink(), r".*/process_0-of-1.json: missing, and no "),
+    (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").unlink(), r".*/process_0-of-1.json: missing \(the checkpoint holds the data states \[\]\)"),
 ])
 def test_a_damaged_checkpoint_is_named_with_the_way_on(tmp_path, damage, reason):
     config = load_config("stage1")
@@ -484,6 +507,25 @@ def test_a_damaged_checkpoint_is_named_with_the_way_on(tmp_path, damage, reason)
     (checkpoints / "2").rename(checkpoints / "damaged-2")  # as the message says
     run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
     assert checkpoint.TrainCheckpoints(tmp_path / "w", read_only=True).latest_step() == 3
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"),
+                                   RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"),
+                                   KeyError("model")])
+def test_a_checkpoint_that_fails_for_other_reasons_is_not_called_damaged(tmp_path, error):
+    """No permission, no memory, another tree: moving the step aside would lose a good checkpoint."""
+    config = load_config("stage1")
+    run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 1)
+    ckpts = checkpoint.TrainCheckpoints(tmp_path / "w", read_only=True)
+    try:
+        def fail(*args, **kwargs):
+            raise error
+        ckpts._manager.restore = fail
+        with pytest.raises(type(error)) as raised:
+            ckpts.read_meta(1)
+        assert raised.value is error
+    finally:
+        ckpts.close()
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
