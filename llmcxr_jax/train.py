@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import numbers
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmcxr_jax import aot, checkpoint, lm_task, model, parallel, trainer
+from llmcxr_jax import aot, checkpoint, config_files, lm_task, model, parallel, trainer
 from llmcxr_jax.lm_checkpoint import finished_steps
 
 if TYPE_CHECKING:
@@ -38,74 +34,6 @@ flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and logs g
 flags.DEFINE_bool("dry_run", False, "compile one step and print per-device memory; no training")
 flags.DEFINE_string("topology", "", "with --dry_run: compile for devices that are not there: H100s (h100:8, "
                     "h100:2x8; the gpu-aot extra) or a TPU topology such as v5p:2x2x2 (libtpu)")
-
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(spec: str) -> Any:
-    """`configs/stage1.py:demo` (or `stage1:demo`, found in the repository's configs/) → its ConfigDict."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    file = Path(path) if path.endswith(".py") else CONFIG_DIR / f"{path}.py"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such config file")
-    module_spec = importlib.util.spec_from_file_location(f"llmcxr_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def config_from_flags() -> Any:
-    """`--config` with its overrides; a file that failed to load is a ValueError naming it."""
-    try:
-        config = FLAGS.config
-        config.keys()  # ml_collections defers a load failure to the config's first use
-    except OSError as e:
-        while e.__cause__ is not None:
-            e = e.__cause__
-        raise ValueError(f"--config {FLAGS['config'].config_filename}: {str(e).strip().splitlines()[-1].strip()}"
-                         ) from None
-    return config
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with config mistakes as one line: an unknown `--config.key` (ml_collections raises
-    AttributeError, which absl does not report), a config file without get_config, or one whose code fails
-    (absl would print the traceback, or the traceback inside its message): its error at its line."""
-    try:
-        return FLAGS(argv)
-    except flags.IllegalFlagValueError as e:
-        lines = str(e).strip().splitlines()  # the flag, then (for a file) the traceback's last line
-        sys.exit(f"error: {' '.join(dict.fromkeys([lines[0], lines[-1]]))}")
-    except flags.Error as e:  # absl's own: an unknown flag, a missing value
-        sys.exit(f"error: {e}")
-    except Exception as e:
-        file = _config_file(argv)
-        line = e.lineno if isinstance(e, SyntaxError) and Path(e.filename or "") == Path(file) else next(
-            (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if Path(f.filename) == Path(file)),
-            None)
-        # ml_collections' AttributeErrors carry the repr of a message with a newline in it
-        reason = str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"') \
-            if isinstance(e, AttributeError) else str(e)
-        if line is not None:  # raised by the config file's own code while it loaded
-            sys.exit(f"error: --config {file}:{line}: {type(e).__name__}: {reason}")
-        if isinstance(e, AttributeError) and "has no attribute get_config" in reason:
-            sys.exit(f"error: --config {file}: defines no get_config(arg) function")
-        if isinstance(e, AttributeError):
-            sys.exit(f"error: a --config.KEY override names no config field: {reason}")
-        raise
-
-
-def _config_file(argv: list[str]) -> str:
-    """The file of `--config FILE[:VARIANT]` (or `--config=...`) in `argv`."""
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1].partition(":")[0]
-        if arg.startswith(("--config=", "-config=")):
-            return arg.partition("=")[2].partition(":")[0]
-    return "(the config file)"
 
 
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
@@ -347,47 +275,10 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
                          eval_iter_fn=make_eval_data(config, task.batch_axes))
 
 
-def _same_kind(value: Any, reference: Any) -> bool:
-    """Whether a config value may stand where the reference config has `reference`: an int where a float is,
-    numpy numbers, and None (ml_collections' "unset", which the code reads as the default)."""
-    if value is None:
-        return True
-    if isinstance(reference, bool) or isinstance(value, bool):
-        return isinstance(value, (bool, np.bool_)) and isinstance(reference, bool)
-    if isinstance(reference, int):
-        return isinstance(value, numbers.Integral)
-    if isinstance(reference, float):
-        return isinstance(value, numbers.Real)
-    if isinstance(reference, tuple):
-        return isinstance(value, (tuple, list))
-    return isinstance(value, type(reference))
-
-
-def config_problems(config: Any, reference: Any, prefix: str = "") -> list[str]:
-    """Fields the trainer's own config file does not have (a typo would leave its default silently in force)
-    and values of another kind than its, each named; nested sections are compared the same way."""
-    problems = []
-    for key, value in config.items():
-        name = prefix + key
-        if key not in reference:
-            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
-            problems.append(f"{name} is no field" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-        elif isinstance(reference[key], ml_collections.ConfigDict):
-            if isinstance(value, ml_collections.ConfigDict):
-                problems += config_problems(value, reference[key], f"{name}.")
-            else:
-                problems.append(f"{name} is a {type(value).__name__}, not a section")
-        elif not _same_kind(value, reference[key]):
-            problems.append(f"{name}={value!r} is a {type(value).__name__}, not a {type(reference[key]).__name__}")
-    return problems
-
-
 def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: str,
                    config_fields: tuple[str, ...]) -> None:
     """The trainer CLIs' main: check the flags, then `run_fn(config, workdir, dry=, topology=)` with the errors a
-    user can cause as one line. `config_fields` are top-level fields only this trainer's configs have: a config
-    for the other trainer is refused by name, not by an AttributeError from deep inside. The config's fields
-    and their kinds must be those of `example_config`'s file (every variant of a shipped file has the same)."""
+    user can cause as one line; the config is checked by `config_files.check_for_trainer`."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS["config"].present:
@@ -400,14 +291,8 @@ def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: 
         raise app.UsageError(f"--workdir {FLAGS.workdir} exists and is not a directory")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
     try:
-        config = config_from_flags()
-        if missing := [f for f in config_fields if f not in config]:
-            raise ValueError(f"--config {FLAGS['config'].config_filename} is not a config for this trainer (it has "
-                             f"no {', '.join(missing)}); e.g. --config {example_config}")
-        reference = CONFIG_DIR / Path(example_config.partition(":")[0]).name  # absent where only the package is
-        if reference.is_file() and (problems := config_problems(config, load_config(str(reference)))):
-            raise ValueError(f"--config {FLAGS['config'].config_filename}: {'; '.join(problems)} (the fields of "
-                             f"configs/{reference.name})")
+        config = config_files.config_from_flags()
+        config_files.check_for_trainer(config, FLAGS["config"].config_filename, example_config, config_fields)
         run_fn(config, FLAGS.workdir, dry=FLAGS.dry_run, topology=FLAGS.topology)
     except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
@@ -421,4 +306,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=config_files.parse_flags)

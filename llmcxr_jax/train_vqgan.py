@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llmcxr_jax import parallel, train, trainer, vqgan_task
+from llmcxr_jax import config_files, parallel, train, trainer, vqgan_task
 from llmcxr_jax.data import image_builder
 from llmcxr_jax.data.cxr_phantoms_builder import TEST_OFFSET  # eval phantoms: disjoint from training's
 flags.adopt_module_key_flags(train)  # --config, --workdir, --dry_run, --topology: so --help lists them
@@ -107,4 +107,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.parse_flags)
+    app.run(main, flags_parser=config_files.parse_flags)

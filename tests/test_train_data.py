@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from llmcxr_jax import config_files
 from llmcxr_jax.data.mimic_builder import MimicCxrLlmcxr
 from llmcxr_jax.data.mimic_codes import VqganMismatchError
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
@@ -113,7 +114,7 @@ def test_mimic_and_vqa_codes_of_different_vqgans_are_refused(tmp_path):
         meta.write_text(meta.read_text().replace(FINGERPRINT, fingerprint))
         MimicCxrLlmcxr(config=name, data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=fx.root))
-    config = train.load_config("stage1:tiny")
+    config = config_files.load_config("stage1:tiny")
     config.data.update(data_dir=str(tmp_path / "tfds"), mimic_builder="mimic_cxr_llmcxr/stage1",
                        vqa_builder="mimic_cxr_llmcxr/stage2", dolly_builder="")
     config.vqgan.grid = GRID[0]
@@ -130,7 +131,7 @@ def test_train_data_takes_report_dropout_from_the_config(prepared):
     from llmcxr_jax import train
 
     root, tokenizer = prepared
-    config = train.load_config("stage1:tiny")
+    config = config_files.load_config("stage1:tiny")
     config.data.update(source="tfds", data_dir=str(root / "tfds"), dolly_builder="", lengths=(512,), max_length=512)
     config.update(tokenizer=str(root / "tokenizer"))
     config.vqgan.grid = GRID[0]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import vqgan_flax
 
-from llmcxr_jax import aot, checkpoint, parallel, train
+from llmcxr_jax import aot, checkpoint, config_files, parallel, train
 from train_helpers import ROOT, load_config, saved_params
 
 TINY = str(ROOT / "configs/stage1.py:tiny")
@@ -159,7 +159,7 @@ def test_a_gpu_dry_run_without_the_attention_stand_in_is_a_clear_error(monkeypat
     """A jaxlib whose CUDA plugin lacks the FFI target that stands in for cuDNN's attention (renamed here)."""
     monkeypatch.setattr(aot, "OPAQUE_KERNEL", "no_such_ffi_target")
     monkeypatch.setattr(parallel, "enable_compilation_cache", lambda: None)  # no cache directory from a test
-    config = train.load_config(f"{ROOT / 'configs/stage1.py'}:tiny")
+    config = config_files.load_config(f"{ROOT / 'configs/stage1.py'}:tiny")
     config.model.dtype = "bfloat16"
     with pytest.raises(ValueError, match="no_such_ffi_target.*attention_impl=xla"):
         train.run(config, "", dry=True, topology="h100:1")
@@ -169,7 +169,7 @@ def test_a_gpu_dry_run_without_the_attention_stand_in_is_a_clear_error(monkeypat
 def test_a_gpu_dry_run_compiles_the_attention_a_gpu_run_would_use(monkeypatch, capsys, dtype, fused):
     """`auto` is cuDNN for bf16 only: an fp32 config's H100 dry run compiles XLA's attention, as its run would."""
     monkeypatch.setattr(parallel, "enable_compilation_cache", lambda: None)  # no cache directory from a test
-    config = train.load_config(f"{ROOT / 'configs/stage1.py'}:tiny")
+    config = config_files.load_config(f"{ROOT / 'configs/stage1.py'}:tiny")
     config.model.dtype = dtype
     train.run(config, "", dry=True, topology="h100:1")
     assert ("opaque kernels of its shapes" in capsys.readouterr().out) == fused
@@ -217,9 +217,9 @@ def _in_processes(code: str, processes: int, *args: str) -> list[str]:
 
 _SIGTERM_BEFORE_TRAINING = """
 import os, signal, sys
-from llmcxr_jax import train
+from llmcxr_jax import config_files, train
 os.kill(os.getpid(), signal.SIGTERM)  # after jax.distributed started: JAX's notifier takes it, not the trainer
-config = train.load_config(sys.argv[1])
+config = config_files.load_config(sys.argv[1])
 config.train.update(num_steps=100000, checkpoint_every=0)
 train.run(config, sys.argv[2])
 """

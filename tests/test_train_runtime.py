@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from hf_reference import save_hf, tiny_hf_model
-from llmcxr_jax import checkpoint, lm_task, optim, parallel, train, trainer
+from llmcxr_jax import checkpoint, config_files, lm_task, optim, parallel, trainer
 from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tiny_task
 
 
@@ -422,13 +422,13 @@ def test_none_and_numpy_numbers_pass_the_config_check():
     """ml_collections lets None stand for any field (the code reads it as unset); numpy numbers are numbers."""
     import ml_collections
 
-    reference = train.load_config("stage1:")
+    reference = config_files.load_config("stage1:")
     config = load_config("stage1")
     config.init.step, config.tokenizer = None, None
-    assert train.config_problems(config, reference) == []
+    assert config_files.config_problems(config, reference) == []
     built = ml_collections.ConfigDict({"train": {"global_batch_size": np.int64(8), "progress": 1},
                                        "optim": {"lr": np.float32(1e-3)}})  # a file may build its own
-    assert train.config_problems(built, reference) == ["train.progress=1 is a int, not a bool"]
+    assert config_files.config_problems(built, reference) == ["train.progress=1 is a int, not a bool"]
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):

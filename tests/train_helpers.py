@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
 
-from llmcxr_jax import checkpoint, lm_task, parallel, train, trainer, vqgan_task
+from llmcxr_jax import checkpoint, config_files, lm_task, parallel, trainer, vqgan_task
 from llmcxr_jax.data.image_builder import phantom_records
 from llmcxr_jax.data.synthetic import SyntheticBatches
 from llmcxr_jax.tokenizer import LlmCxrTokenizer
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, variant: str = "tiny"):
-    return train.load_config(f"{name}:{variant}")
+    return config_files.load_config(f"{name}:{variant}")
 
 
 def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:

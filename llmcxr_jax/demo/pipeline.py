@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from llmcxr_jax import metrics, prompts, train, train_vqgan
+from llmcxr_jax import config_files, metrics, prompts, train, train_vqgan
 from llmcxr_jax.data import phantom
 from llmcxr_jax.data.reports import parse_report
 from llmcxr_jax.demo import page, phantom_mimic
@@ -23,7 +23,7 @@ GUIDANCE_SCALE = 4.0
 
 
 def run(args: argparse.Namespace, out: Path, progress: Any) -> dict[str, Any]:
-    vq_config = train.load_config("vqgan:demo")
+    vq_config = config_files.load_config("vqgan:demo")
     size = vq_config.model.resolution
     progress.stage(f"phantoms: {args.num_train} train + {args.num_test} test at {size}², laid out like MIMIC-CXR")
     cases = phantom_mimic.write_manual_dir(out / "manual", seed=args.seed, num_train=args.num_train,
@@ -115,7 +115,7 @@ def _build_datasets(out: Path, grid: tuple[int, int], num_codes: int) -> tuple[s
 
 def _lm_config(stage: str, builder: str, steps: int, *, data_dir: str, tokenizer: str, vocab: int, grid: int,
                num_codes: int, seed: int, batch: int):
-    config = train.load_config(f"{stage}:demo")
+    config = config_files.load_config(f"{stage}:demo")
     config.data.update(data_dir=data_dir, mimic_builder=builder)
     config.update(tokenizer=tokenizer, seed=seed)
     config.model.vocab_size = vocab
