@@ -165,6 +165,18 @@ def test_the_build_cli_makes_the_dataset_the_vqgan_config_reads(tmp_path, capsys
     with pytest.raises(ValueError, match="data.eval_split 'valdation': .*Unknown split"):
         image_sources(config)
 
+    # A second build into the same data_dir would be TFDS reusing the first and reporting its counts.
+    (root / "p10" / "img0.png").unlink()
+    with pytest.raises(SystemExit, match=r"^error: .*cxr_images/demo64/\S+: cxr_images/demo64/\S+ is already built "
+                                         r"there; delete that directory"):
+        build.main(["images", "--manual_dir", str(root), "--data_dir", str(tmp_path / "tfds"), "--config", "demo64"])
+    with pytest.raises(SystemExit, match=r"^error: images has no config demo65; its configs are llmcxr256, "):
+        build.main(["images", "--manual_dir", str(root), "--data_dir", str(tmp_path / "new"), "--config", "demo65"])
+    (tmp_path / "afile").write_text("")
+    for data_dir in (str(tmp_path / "afile"), ""):
+        with pytest.raises(SystemExit, match=r"^error: --data_dir .*: give a directory"):
+            build.main(["images", "--manual_dir", str(root), "--data_dir", data_dir, "--config", "demo64"])
+
 
 def test_images_differing_only_in_suffix_are_refused_before_any_decoding(tmp_path):
     from llmcxr_jax.data import build

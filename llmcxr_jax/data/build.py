@@ -35,11 +35,19 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
     if kind != "phantoms" and not any(Path(manual_dir).iterdir()):  # TFDS would assert with a traceback
         raise FileNotFoundError(f"--manual_dir {manual_dir} is empty; {kind} is built from local files put there "
                                 "(python -m llmcxr_jax.data.build --help)")
+    if not data_dir or (Path(data_dir).exists() and not Path(data_dir).is_dir()):
+        raise ValueError(f"--data_dir {data_dir!r}: give a directory (new or holding other datasets)")
     cls = getattr(importlib.import_module(module), cls_name)
+    known = [c.name for c in cls.BUILDER_CONFIGS]
+    if unknown := [name for name in configs if name is not None and name not in known]:
+        raise ValueError(f"{kind} has no config {', '.join(unknown)}; its configs are {', '.join(known) or 'none'}")
     download = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     report = {}
     for name in configs:
         builder = cls(config=name, data_dir=data_dir) if name else cls(data_dir=data_dir)
+        if builder.is_prepared():  # TFDS would reuse it and report its old counts as if just built
+            raise ValueError(f"{builder.data_path}: {builder.info.full_name} is already built there; delete that "
+                             "directory to build it again from --manual_dir, or use another --data_dir")
         builder.download_and_prepare(download_config=download)
         report[name or "default"] = builder.info.metadata.get("counts", {}) if builder.info.metadata else {}
         print(f"built {builder.info.full_name} in {data_dir}: "
