@@ -66,6 +66,26 @@ def test_csv_ragged_row_and_unknown_split_name_the_line(tmp_path):
         read_split_csv(split_csv)
 
 
+def test_a_dicom_id_twice_in_the_metadata_csv_names_both_lines(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    meta_csv = fx.root / "mimic-cxr-2.0.0-metadata.csv"
+    rewrite_csv(meta_csv, lambda rows: rows + [rows[1][:4] + ["LATERAL"] + rows[1][5:]])
+    with pytest.raises(MimicFileError, match=rf"{meta_csv}:{len(fx.images) + 2}: dicom_id \S+ repeats line 2"):
+        read_metadata_csv(meta_csv)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda rows: [r for r in rows if r[3] not in ("validate", "test")],  # no validation images at all
+    lambda rows: rows[:1],  # a header and nothing else
+])
+def test_a_split_left_without_records_is_named_with_its_counts(tmp_path, edit):
+    """TFDS would stop on the empty split with an assertion and a traceback."""
+    fx = write_mimic_tree(tmp_path / "m")
+    rewrite_csv(fx.root / "mimic-cxr-2.0.0-split.csv", edit)
+    with pytest.raises(MimicFileError, match=r"m: no record of split '(train|validation)' \(.*\) is usable: \{"):
+        build(fx.root, tmp_path / "data")
+
+
 def test_csv_with_a_byte_order_mark_and_blank_lines_reads_as_pandas_reads_it(tmp_path):
     fx = write_mimic_tree(tmp_path / "m")
     split_csv = fx.root / "mimic-cxr-2.0.0-split.csv"

@@ -145,12 +145,23 @@ class MimicCxrLlmcxr(_MimicBuilderBase):
             plans[split], counts[split] = plan_split(
                 mimic_files.rows_of_split(inputs.rows, split), inputs.metadata, inputs.codes,
                 manual_dir / mimic_files.REPORTS_DIR, config.stage, selection, split)
+        _require_records(plans, counts, manual_dir)
         self._record_metadata(inputs, note, counts)
         return {split: self._generate_examples(plan, inputs) for split, plan in plans.items()}
 
     def _generate_examples(self, plan, inputs: _Inputs):
         for rec in plan:
             yield rec.dicom_id, {**dataclasses.asdict(rec), "codes": self._codes_of(inputs, rec.dicom_id)}
+
+
+def _require_records(records: dict[str, list], counts: dict[str, dict], source: Path) -> None:
+    """TFDS refuses a split without examples by an assertion and a traceback: say which split and why instead."""
+    for split, kept in records.items():
+        if not kept:
+            raise mimic_files.MimicFileError(
+                f"{source}: no record of split {split!r} ({mimic_files.SPLITS[split]} in "
+                f"{mimic_files.SPLIT_CSV}) is usable: {counts[split]}; check that split's rows, the reports "
+                f"({mimic_files.REPORTS_DIR}/files/pXX/pNNNNNNNN/sMMMMMMMM.txt) and the codes")
 
 
 class MimicCxrVqaLlmcxr(_MimicBuilderBase):
@@ -181,6 +192,7 @@ class MimicCxrVqaLlmcxr(_MimicBuilderBase):
         for split in mimic_files.SPLITS:
             records[split], counts[split] = merge_onto_images(
                 pairs, mimic_files.rows_of_split(inputs.rows, split), usable, study_splits, split)
+        _require_records(records, counts, vqa_dir)
         self._record_metadata(inputs, note, counts)
         return {split: self._generate_examples(recs, inputs) for split, recs in records.items()}
 

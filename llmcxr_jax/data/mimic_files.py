@@ -128,9 +128,14 @@ def read_split_csv(path: Path) -> list[ImageRow]:
 
 
 def read_metadata_csv(path: Path) -> dict[str, ImageMeta]:
-    """dicom_id -> view and study date/time from the metadata CSV."""
-    return {row["dicom_id"]: ImageMeta(row["ViewPosition"], row["StudyDate"], row["StudyTime"], line)
-            for line, row in _read_csv(path, ("dicom_id", "ViewPosition", "StudyDate", "StudyTime"))}
+    """dicom_id -> view and study date/time from the metadata CSV (an id on two lines is an error: which view
+    would count?)."""
+    out: dict[str, ImageMeta] = {}
+    for line, row in _read_csv(path, ("dicom_id", "ViewPosition", "StudyDate", "StudyTime")):
+        if row["dicom_id"] in out:
+            raise MimicFileError(f"{path}:{line}: dicom_id {row['dicom_id']} repeats line {out[row['dicom_id']].line}")
+        out[row["dicom_id"]] = ImageMeta(row["ViewPosition"], row["StudyDate"], row["StudyTime"], line)
+    return out
 
 
 def rows_of_split(rows: Iterable[ImageRow], split: str) -> list[ImageRow]:
