@@ -282,6 +282,32 @@ def test_checkpoint_with_unmappable_key(reference, tmp_path):
         convert.convert(ckpt, cfg, tmp_path / "out")
 
 
+def test_convert_refuses_a_non_empty_output_directory(reference, tmp_path):
+    """Another VQ-GAN there (which codes may have been made with), or anything else, is not replaced in place;
+    the same VQ-GAN again is (test_reconverting_without_loss_tensors...)."""
+    (tmp_path / "out").mkdir()
+    other = json.dumps({"format": checkpoint.FORMAT, "fingerprint": "another-vqgan"})
+    (tmp_path / "out" / "meta.json").write_text(other)
+    with pytest.raises(SystemExit, match=r"^error: --out .*out: holds other files or another VQ-GAN"):
+        convert.main(["--ckpt", str(reference["ckpt"]), "--config", str(reference["yaml"]), "--out",
+                      str(tmp_path / "out")])
+    assert (tmp_path / "out" / "meta.json").read_text() == other
+    (tmp_path / "out" / "meta.json").unlink()
+    (tmp_path / "out" / "config.json").write_text("{}")  # someone else's files
+    with pytest.raises(SystemExit, match=r"^error: --out .*out: holds other files or another VQ-GAN"):
+        convert.main(["--ckpt", str(reference["ckpt"]), "--config", str(reference["yaml"]), "--out",
+                      str(tmp_path / "out")])
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    """Plain text gets past the archive check as a legacy (non-zip) file; torch's reader then fails with a
+    KeyError of its own."""
+    path = tmp_path / "x.ckpt"
+    path.write_text("hello world\n")
+    with pytest.raises(CheckpointReadError, match=r"x.ckpt: cannot read torch checkpoint: "):
+        read_state_dict(path)
+
+
 def test_yaml_not_matching_checkpoint(reference, tmp_path):
     wider = tmp_path / "wider.yaml"
     wider.write_text(yaml.safe_dump(taming_yaml(VQGANConfig(**{**TINY.to_dict(), "ch": 64}))))

@@ -114,12 +114,22 @@ def fingerprint(params: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _stored(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parameters as a VQ-GAN directory stores (and fingerprints) them."""
+    return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in params.items()}
+
+
+def stored_fingerprint(params: Mapping[str, np.ndarray]) -> str:
+    """The fingerprint `write` would record for `params`."""
+    return fingerprint(_stored(params))
+
+
 def write(directory: str | Path, config: VQGANConfig, params: Mapping[str, np.ndarray],
           extra_meta: Mapping[str, Any] | None = None) -> str:
     """Write a VQ-GAN directory; returns the fingerprint."""
     directory = Path(directory)
     check_params(params, param_shapes(config), str(directory))
-    arrays = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in params.items()}
+    arrays = _stored(params)
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / PARAMS_FILE, safetensors.numpy.save(arrays))
     write_atomic(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=1) + "\n")

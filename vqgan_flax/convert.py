@@ -133,6 +133,11 @@ def convert(ckpt: str | Path, config_yaml: str | Path, out: str | Path) -> str:
     except checkpoint.CheckpointError as err:
         raise ConversionError(str(err)) from err
     params = to_flax(generator, source)
+    if Path(out).is_dir() and any(Path(out).iterdir()):  # only the same VQ-GAN again (e.g. without its loss)
+        meta = Path(out) / checkpoint.META_FILE
+        if not meta.is_file() or checkpoint.read_fingerprint(out) != checkpoint.stored_fingerprint(params):
+            raise ConversionError(f"--out {out}: holds other files or another VQ-GAN (codes may have been made "
+                                  "with it); give a new directory")
     loss_path = Path(out) / LOSS_FILE
     Path(out).mkdir(parents=True, exist_ok=True)
     if loss:  # before the parameters, whose meta.json (written last) marks the directory complete

@@ -142,8 +142,8 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return _restricted_torch_load(path)  # e.g. Lightning's class-keyed callback states
-    except (RuntimeError, OSError, EOFError) as err:
-        raise CheckpointReadError(f"{path}: cannot read torch checkpoint: {err}") from err
+    except Exception as err:  # torch's reader meets bytes that are no pickle with KeyError, IndexError, struct.error…
+        raise CheckpointReadError(f"{path}: cannot read torch checkpoint: {type(err).__name__}: {err}") from err
 
 
 def _to_numpy(value: Any) -> np.ndarray:
