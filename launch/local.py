@@ -30,6 +30,9 @@ def main() -> int:
     parser.add_argument("--module", default="llmcxr_jax.train", help="the program every process runs")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to the program")
     args = parser.parse_args()
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        parser.error(f"--num_processes and --devices_per_process must be at least 1, got {args.num_processes} and "
+                     f"{args.devices_per_process}")
     train_args = [a for a in args.train_args if a != "--"]
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu",

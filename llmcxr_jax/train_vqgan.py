@@ -26,6 +26,8 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     trainer.check_train_settings(config.train, mesh)
     if config.train.num_steps <= 0:
         raise ValueError("train.num_steps must be > 0 (VQ-GAN training runs for a number of steps)")
+    if not config.optim.base_lr > 0:
+        raise ValueError(f"optim.base_lr={config.optim.base_lr} must be > 0")
 
 
 def image_sources(config: Any) -> tuple[Any, Any]:

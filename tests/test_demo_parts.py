@@ -15,6 +15,19 @@ from llmcxr_jax.demo import phantom_mimic
 from vqgan_flax.codes import CodesMeta, CodesWriter
 
 
+@pytest.mark.parametrize("args,message", [(["--stage2_steps", "0"], "--stage2_steps 0: must be at least 1"),
+                                          (["--num_train", "0", "--lm_batch", "-1"],
+                                           "--num_train 0, --lm_batch -1: must be at least 1"),
+                                          (["--out", "{file}"], "--out {file} exists and is not a directory")])
+def test_demo_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, args, message):
+    from llmcxr_jax.demo.__main__ import parse_args
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        parse_args([a.replace("{file}", str(tmp_path / "file")) for a in args])
+    assert message.replace("{file}", str(tmp_path / "file")) in capsys.readouterr().err
+
+
 def test_phantoms_as_mimic_files_build_with_the_mimic_builder(tmp_path):
     cases = phantom_mimic.write_manual_dir(tmp_path / "manual", seed=3, num_train=6, num_test=2, size=32)
     assert [c.split for c in cases] == ["train"] * 6 + ["test"] * 2

@@ -71,6 +71,13 @@ def test_tpu_pod_script_prints_its_usage():
                          check=True, timeout=60, env={"PATH": os.environ["PATH"]}).stdout
     assert out.startswith("Train on a Cloud TPU pod slice") and "TPU=my-v5p-64 ZONE=" in out and "set -e" not in out
 
+@pytest.mark.parametrize("flag", ["--num_processes", "--devices_per_process"])
+def test_local_launcher_refuses_counts_below_one(flag):
+    out = subprocess.run([sys.executable, str(ROOT / "launch/local.py"), flag, "0", "--", "x"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "must be at least 1" in out.stderr, out.stderr
+
+
 def test_local_launcher_fails_when_a_process_dies_by_a_signal(tmp_path):
     """Negative return codes (killed by a signal, e.g. JAX's abort when peers never arrive) are failures."""
     (tmp_path / "dies.py").write_text("import os, sys\n"

@@ -85,6 +85,9 @@ def test_micro_batches_must_split_the_batch_over_the_mesh():
     config.train.micro_batches = 2  # 4 images per micro-batch over 8 shards
     with pytest.raises(ValueError, match="micro-batch of 4 does not divide over the 8 data×fsdp shards"):
         train_vqgan.check_config(config, mesh_of((1, 8, 1)))
+    config.train.micro_batches, config.optim.base_lr = 1, -1.0  # would train to divergence and export that
+    with pytest.raises(ValueError, match=r"optim.base_lr=-1.0 must be > 0"):
+        train_vqgan.check_config(config, mesh_of((1, 1, 1)))
 
 
 def test_dry_run_compiles_accumulation_ahead_of_time_for_a_tpu_pod():

@@ -212,6 +212,7 @@ def test_config_from_taming_yaml_and_json_roundtrip(reference):
     (lambda d: d["model"]["params"]["ddconfig"].update(ch=48), "not a multiple of 32"),
     (lambda d: d["model"]["params"]["ddconfig"].update(z_channels="32", resolution=-4),
      "z_channels='32', resolution=-4 must be positive ints"),
+    (lambda d: d["model"]["params"]["ddconfig"].update(ch_mult=[1, 0]), "ch_mult (1, 0) must hold multipliers of at"),
 ])
 def test_bad_yaml_is_a_clear_error(tmp_path, edit, message):
     doc = taming_yaml(TINY)

@@ -43,6 +43,8 @@ class VQGANConfig:
             problems.append("double_z must be false: a VQModel's quant_conv takes z_channels inputs")
         if not self.ch_mult:
             problems.append("ch_mult must not be empty")
+        if any(m < 1 for m in self.ch_mult):
+            problems.append(f"ch_mult {self.ch_mult} must hold multipliers of at least 1")
         for channels in {self.ch * m for m in self.ch_mult}:
             if channels % _GROUPS:
                 problems.append(f"ch*ch_mult gives {channels} channels, not a multiple of {_GROUPS} (GroupNorm)")

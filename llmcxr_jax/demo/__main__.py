@@ -41,7 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lm_batch", type=int, default=16, help="LM global batch (sequences per step)")
     parser.add_argument("--tokenizer_vocab", type=int, default=1000,
                         help="text vocabulary of the demo BPE (phantom reports saturate near 1000)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    counts = ("num_train", "num_test", "vqgan_steps", "stage1_steps", "stage2_steps", "lm_batch", "tokenizer_vocab")
+    if bad := [f"--{name} {getattr(args, name)}" for name in counts if getattr(args, name) < 1]:
+        parser.error(f"{', '.join(bad)}: must be at least 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

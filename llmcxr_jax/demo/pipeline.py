@@ -88,8 +88,8 @@ def _require_finished(workdir: Path, steps: int) -> None:
     latest = ckpts.latest_step()
     ckpts.close()
     if latest != steps:
-        raise SystemExit(f"demo: training in {workdir} stopped at step {latest} of {steps} (SIGTERM?); "
-                         "run `make demo` again to resume")
+        raise SystemExit(f"demo: training in {workdir} stopped at step {latest} of {steps} (a SIGTERM, or a run "
+                         "there with other step counts); run `make demo` again to resume, or use another --out")
 
 
 def time_since(progress: Any) -> float:
