@@ -46,6 +46,9 @@ def image_sources(config: Any) -> tuple[Any, Any]:
     except Exception as e:  # TFDS raises several types for a dataset that was never prepared
         raise FileNotFoundError(f"data: cannot open {data.builder!r} in data_dir {data.data_dir!r}: {e}. Build it "
                                 "first (llmcxr_jax.data.image_builder.CxrImages, or cxr_phantoms)") from None
+    if "image" not in builder.info.features:  # e.g. a MIMIC LM dataset, which holds codes
+        raise ValueError(f"data.builder {data.builder!r} has no 'image' feature (it has "
+                         f"{sorted(builder.info.features)}); VQ-GAN training reads cxr_images/... or cxr_phantoms/...")
     kept = builder.info.metadata.get("counts", {}).get("kept", {})
     if data.eval_split not in builder.info.splits and kept.get(data.eval_split) == 0:
         # CxrImages writes no empty split: a folder of fewer than ~1/validation_fraction images has no validation

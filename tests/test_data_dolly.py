@@ -91,3 +91,10 @@ def test_non_utf8_file_names_the_line_and_byte(tmp_path):
     offset = path.read_bytes().index(b"\xe9")
     with pytest.raises(DollyFileError, match=f"{path}:17: not UTF-8 text: byte 0xe9 at offset {offset} "):
         build(tmp_path, tmp_path / "data")
+
+
+def test_too_few_records_to_hold_200_out_names_the_file(tmp_path):
+    write_jsonl(tmp_path / "databricks-dolly-15k.jsonl", n=150)  # one of them too long
+    with pytest.raises(ValueError, match=r"databricks-dolly-15k.jsonl: 149 records short enough to train on; LLM-CXR "
+                                         r"holds 200 out"):
+        build(tmp_path, tmp_path / "data")

@@ -75,6 +75,18 @@ def test_resuming_with_another_tokenizer_is_refused_and_keeps_the_workdirs(prepa
     assert out.returncode == 1 and f"init.workdir {tmp_path / 'w'} was trained with another tokenizer" in out.stderr
 
 
+def test_vqgan_training_refuses_a_dataset_without_images(prepared):
+    """The MIMIC LM dataset holds codes, not pictures: named, not a KeyError from the first batch."""
+    from llmcxr_jax.train_vqgan import image_sources
+
+    root, _ = prepared
+    config = config_files.load_config("vqgan:tiny")
+    config.data.update(source="tfds", builder="mimic_cxr_llmcxr/stage1", data_dir=str(root / "tfds"))
+    with pytest.raises(ValueError, match=r"data.builder 'mimic_cxr_llmcxr/stage1' has no 'image' feature \(it has "
+                                         r"\[.*'codes'.*\]\); VQ-GAN training reads cxr_images"):
+        image_sources(config)
+
+
 def test_epoch_ends_are_kept_besides_the_latest_checkpoints(prepared, tmp_path):
     """SPEC §9 saves every epoch and keeps 5; periodic saves (here every step, keep 1) must not evict them."""
     root, tokenizer = prepared

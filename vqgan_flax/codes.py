@@ -97,8 +97,9 @@ def _read_shard(path: Path, meta: CodesMeta) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise CodesError(f"{path}: unreadable shard: {err}") from err
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:  # not numpy's advice to allow pickles
+        reason = "it holds pickled objects, which a codes shard never does" if "allow_pickle" in str(err) else err
+        raise CodesError(f"{path}: unreadable shard: {reason}") from err
     if set(arrays) != {"ids", "codes"}:
         raise CodesError(f"{path}: expected arrays ids and codes, found {sorted(arrays)}")
     ids, codes = arrays["ids"], arrays["codes"]

@@ -96,6 +96,9 @@ class Dolly15k(LocalFilesBuilder):
             raise FileNotFoundError(f"{path}: missing. {MANUAL_INSTRUCTIONS}")
         records = read_dolly_jsonl(path)
         kept = np.flatnonzero(short_enough(records))
+        if len(kept) <= HELDOUT_SIZE:
+            raise ValueError(f"{path}: {len(kept)} records short enough to train on; LLM-CXR holds {HELDOUT_SIZE} out "
+                             "and trains on the rest, so it needs more (databricks-dolly-15k has ~15,000)")
         heldout, train = np.zeros(len(records), bool), np.zeros(len(records), bool)
         heldout[kept[heldout_indices(len(kept))]] = True
         train[kept] = ~heldout[kept]
