@@ -74,6 +74,15 @@ def test_a_dicom_id_twice_in_the_metadata_csv_names_both_lines(tmp_path):
         read_metadata_csv(meta_csv)
 
 
+def test_images_missing_from_the_metadata_csv_are_named(tmp_path):
+    fx = write_mimic_tree(tmp_path / "m")
+    meta_csv = fx.root / "mimic-cxr-2.0.0-metadata.csv"
+    rewrite_csv(meta_csv, lambda rows: rows[:5])
+    with pytest.raises(MimicFileError, match=rf"{meta_csv}: no line for {len(fx.images) - 4} of the "
+                                         rf"{len(fx.images)} images of mimic-cxr-2.0.0-split.csv, e.g. \["):
+        build(fx.root, tmp_path / "data")
+
+
 @pytest.mark.parametrize("edit", [
     lambda rows: [r for r in rows if r[3] not in ("validate", "test")],  # no validation images at all
     lambda rows: rows[:1],  # a header and nothing else
@@ -215,3 +224,14 @@ def test_selection_pickle_forms(tmp_path):
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(MimicFileError, match="dicom_ids must be strings"):
         load_selection(path)
+
+
+def test_build_cli_names_a_directory_where_a_csv_should_be(tmp_path):
+    from llmcxr_jax.data import build as build_cli
+
+    fx = write_mimic_tree(tmp_path / "m")
+    split_csv = fx.root / "mimic-cxr-2.0.0-split.csv"
+    split_csv.unlink()
+    split_csv.mkdir()
+    with pytest.raises(SystemExit, match=r"^error: .*Is a directory: .*mimic-cxr-2.0.0-split.csv"):
+        build_cli.main(["mimic", "--manual_dir", str(fx.root), "--data_dir", str(tmp_path / "data")])

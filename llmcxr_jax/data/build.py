@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = args.config or list(BUILDERS[args.kind][2])
     try:
         counts = build(args.kind, args.data_dir, args.manual_dir, configs)
-    except (FileNotFoundError, ValueError) as e:  # missing or unusable source files: say which, no traceback
+    except (OSError, ValueError) as e:  # missing or unusable source files (a directory for a file…): say which
         sys.exit(f"error: {e}")
     print(json.dumps({"skipped_and_kept": counts}, indent=2, default=str))
 

@@ -75,8 +75,13 @@ def _read_inputs(manual_dir: Path, config: MimicCxrConfig) -> _Inputs:
     if config.expected_vqgan_fingerprint is not None:
         mimic_codes.require_vqgan(mimic_codes.vqgan_metadata(codes), str(codes_path),
                                   fingerprint=config.expected_vqgan_fingerprint)
-    return _Inputs(mimic_files.read_split_csv(manual_dir / mimic_files.SPLIT_CSV),
-                   mimic_files.read_metadata_csv(manual_dir / mimic_files.METADATA_CSV), codes)
+    rows = mimic_files.read_split_csv(manual_dir / mimic_files.SPLIT_CSV)
+    metadata = mimic_files.read_metadata_csv(manual_dir / mimic_files.METADATA_CSV)
+    if missing := [r.dicom_id for r in rows if r.dicom_id not in metadata]:  # no view: stage 2 would drop them
+        raise mimic_files.MimicFileError(
+            f"{manual_dir / mimic_files.METADATA_CSV}: no line for {len(missing)} of the {len(rows)} images of "
+            f"{mimic_files.SPLIT_CSV}, e.g. {missing[:3]}; MIMIC-CXR-JPG's metadata CSV covers every image")
+    return _Inputs(rows, metadata, codes)
 
 
 def _selection(manual_dir: Path, config: MimicCxrConfig, inputs: _Inputs) -> tuple[frozenset[str], str]:
