@@ -465,7 +465,9 @@ def decode_results(paths: Sequence[str | Path], vqgan_dir: str | Path, out_dir: 
         codes[r["dicom_id"]] = np.asarray(image, dtype=np.int32).reshape(h, w)
     check_ids(codes, Path(paths[0]))
     out = Path(out_dir)
-    decoded = decode_to_files(model, codes, out / "generated_imgs_jpg", batch_size, "jpg")
+    made_from = {"vqgan": vqgan_flax.checkpoint.read_fingerprint(vqgan_dir),
+                 "results": sorted(str(Path(p).resolve()) for p in paths)}
+    decoded = decode_to_files(model, codes, out / "generated_imgs_jpg", batch_size, "jpg", made_from)
     reports = "".join(f"{r['dicom_id']}\n{r['raw_report']}\n{r['gen_report']}\n\n" for r in kept)
     write_atomic(out / "generated_reports", reports.encode("utf-8"))
     return {"records": len(records), "dropped_with_none": len(records) - len(kept), "decoded": decoded,

@@ -397,7 +397,8 @@ def test_cli_decode_writes_the_originals_jpegs_and_reports_file(tmp_path, capsys
                    str(tmp_path / "vq"), "--out", str(tmp_path / "out")])
     printed = json.loads(capsys.readouterr().out)
     assert (printed["records"], printed["dropped_with_none"], printed["decoded"]) == (4, 2, 2)
-    assert sorted(p.name for p in (tmp_path / "out" / "generated_imgs_jpg").iterdir()) == ["d0.jpg", "d2.jpg"]
+    images = sorted(p.name for p in (tmp_path / "out" / "generated_imgs_jpg").iterdir())
+    assert images == [".decoded_from.json", "d0.jpg", "d2.jpg"]  # the first: what they were decoded from
     assert (tmp_path / "out" / "generated_reports").read_text() == \
         "d0\nReference d0.\nGenerated d0.\n\nd2\nReference d2.\nGenerated d2.\n\n"
     model = vqgan_flax.load(tmp_path / "vq")

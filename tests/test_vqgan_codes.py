@@ -345,6 +345,11 @@ def test_decode_cli_from_codes_dir_and_pickle(vqgan_dir, tmp_path, capsys):
     for image_id in ["x1", "x2", "x3"]:
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png2" / f"{image_id}.png")),
                                       np.asarray(Image.open(tmp_path / "png" / f"{image_id}.png")))
+    # Other codes into the first directory: its images would be kept as theirs
+    with pytest.raises(SystemExit, match=r"^error: .*png: holds images decoded from \{.*codes'.*\}, not from "
+                                         r"\{.*codes.pickle'.*\}; use another --out"):
+        decode_cli.main(["--vqgan", str(vqgan_dir), "--codes", str(tmp_path / "codes.pickle"), "--out",
+                         str(tmp_path / "png")])
 
 
 def test_decode_cli_refuses_codes_of_another_vqgan(vqgan_dir, tmp_path):

@@ -5,15 +5,18 @@
 CODES may be a codes directory (its VQ-GAN fingerprint must match DIR's) or the original's pickle
 `dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png
 (grayscale, lossless) or, with `--format jpg`, OUT/<id>.jpg as LLM-CXR saved them (3 channels, JPEG; SPEC §12),
-each whole or not at all; a rerun skips the ids whose file is already there, so an interrupted run resumes.
+each whole or not at all; a rerun skips the ids whose file is already there, so an interrupted run resumes, and
+refuses another VQ-GAN or other codes (recorded in OUT/.decoded_from.json).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,6 +26,7 @@ from vqgan_flax import checkpoint
 from vqgan_flax.atomic import write_atomic
 from vqgan_flax.codes import CodesDir, CodesError, read_pickle
 from vqgan_flax.images import postprocess, postprocess_original
+from vqgan_flax.json_object import read_json_object
 from vqgan_flax.model import VQGAN
 from vqgan_flax.parallel import DataParallel
 
@@ -52,17 +56,29 @@ def check_ids(ids: Iterable[str], source: Path) -> None:
         raise CodesError(f"{source}: ids that are not usable as file names: {bad[:10]}")
 
 
+# Hidden beside the images: what they were decoded from, so that a resume cannot mix two sources.
+SOURCE_FILE = ".decoded_from.json"
+
 # suffix -> (decoder output to uint8 pixels, PIL format)
 FORMATS = {"png": (postprocess, "PNG"), "jpg": (postprocess_original, "JPEG")}
 
 
 def decode_to_files(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch_size: int = 32,
-                    image_format: str = "png") -> int:
-    """Write OUT/<id>.<image_format> for the ids without one yet; returns how many were decoded."""
+                    image_format: str = "png", made_from: dict[str, Any] | None = None) -> int:
+    """Write OUT/<id>.<image_format> for the ids without one yet; returns how many were decoded.
+
+    `made_from` (e.g. the VQ-GAN's fingerprint and the codes' path) is recorded in OUT/SOURCE_FILE: a rerun from
+    anything else is refused, since the images already there, which it would keep, came from the first.
+    """
     if image_format not in FORMATS:
         raise ValueError(f"image format {image_format!r} is not one of {sorted(FORMATS)}")
     to_pixels, pil_format = FORMATS[image_format]
     out.mkdir(parents=True, exist_ok=True)
+    if made_from is not None:
+        recorded = read_json_object(out / SOURCE_FILE, CodesError, missing_ok=True)
+        if recorded and recorded != made_from:
+            raise CodesError(f"{out}: holds images decoded from {recorded}, not from {made_from}; use another --out")
+        write_atomic(out / SOURCE_FILE, json.dumps(made_from, sort_keys=True))
     decode = DataParallel(VQGAN.decode, model, batch_size)
     batch_size = decode.batch_size  # a multiple of the device count
     ids = sorted(i for i in codes if not (out / f"{i}.{image_format}").exists())
@@ -89,9 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         model = checkpoint.load(args.vqgan)
-        codes = read_codes(Path(args.codes), model, checkpoint.read_fingerprint(args.vqgan))
+        fingerprint = checkpoint.read_fingerprint(args.vqgan)
+        codes = read_codes(Path(args.codes), model, fingerprint)
         check_ids(codes, Path(args.codes))
-        decoded = decode_to_files(model, codes, Path(args.out), args.batch_size, args.format)
+        decoded = decode_to_files(model, codes, Path(args.out), args.batch_size, args.format,
+                                  {"vqgan": fingerprint, "codes": str(Path(args.codes).resolve())})
     except (ValueError, OSError) as err:  # OSError: e.g. --out is a file or not writable
         raise SystemExit(f"error: {err}") from err
     print(f"decoded {decoded}, skipped {len(codes) - decoded} already in {args.out}", file=sys.stderr)
