@@ -114,13 +114,26 @@ def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.shar
             ckpts.close()
     else:
         with ocp.StandardCheckpointer() as ckptr:
-            try:
-                params = ckptr.restore(directory / "params", target)
-            except (ValueError, KeyError) as e:
+            stored = ckptr.metadata(directory / "params").item_metadata.tree
+            differences = _shape_differences(stored, target)
+            if differences:  # before any read starts: Orbax's failed asynchronous reads leave noise behind
                 raise ValueError(f"{directory / 'params'}: parameters do not match the model config in meta.json "
-                                 f"({e})") from None
+                                 f"({'; '.join(differences)})")
+            params = ckptr.restore(directory / "params", target)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _shape_differences(stored: Any, target: Any, limit: int = 3) -> list[str]:
+    """Up to `limit` lines naming a parameter that one tree has and the other lacks, or whose shapes differ."""
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves}
+
+    have, want = shapes(stored), shapes(target)
+    lines = [f"{name}: stored {have.get(name, 'nothing')}, the config needs {want.get(name, 'nothing')}"
+             for name in sorted(have.keys() | want.keys()) if have.get(name) != want.get(name)]
+    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def latest_metadata(directory: str | Path, step: int | None = None) -> tuple[dict[str, Any], str, int | None]:
