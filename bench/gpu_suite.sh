@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark set in one call (6–7 minutes on one H200, 2026-11-28), most important first so that a
-# call cut short still returns the headline numbers: the 2.8B train step at seq 1024 beside the transformers
-# reference, sampling at batch 1 and 16 beside transformers' generate, the VQ-GAN beside taming (when taming is
-# importable), then a sweep of remat policies and batch sizes. Each step has its own time limit.
-# Runs from source (PYTHONPATH), importing only what the GPU machines have.
+# The whole GPU benchmark set in one call, within a 5-minute budget (BUDGET_S, default 290 s), most important
+# first: the 2.8B train step at seq 1024 beside the transformers reference, sampling at batch 1 and 16 beside
+# transformers' generate, the VQ-GAN beside taming (when taming is importable), then a sweep of batch size,
+# Adam moment dtype, attention and remat policy. Each step has its own time limit, cut to what is left of the
+# budget; a step that would start with under 20 s left is skipped and says so. Every step prints its seconds.
+# Runs from source (PYTHONPATH), importing only what the GPU machines have. (The 2026-11-28 H200 call, with one
+# more sweep row and no budget, took 6-7 minutes.)
 #
 #   bash bench/gpu_suite.sh 2>&1 | tee bench/results/gpu_suite.log
 #   RESULTS=/some/dir bash bench/gpu_suite.sh      # write the JSON lines elsewhere (default bench/results)
-#   SHAPE=tiny VQ_SHAPE=tiny SEQ=64 ATTENTION=xla JAX_PLATFORMS=cpu bash bench/gpu_suite.sh   # a dry run of the script on CPU
+#   SHAPE=tiny VQ_SHAPE=tiny SEQ=64 ATTENTION=xla JAX_PLATFORMS=cpu BUDGET_S=900 bash bench/gpu_suite.sh   # a dry run on CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS="${RESULTS:-bench/results}" SHAPE="${SHAPE:-2.8b}" VQ_SHAPE="${VQ_SHAPE:-f16}" SEQ="${SEQ:-1024}" ATTENTION="${ATTENTION:-cudnn}"
+BUDGET_S="${BUDGET_S:-290}" RESULTS="${RESULTS:-bench/results}" SHAPE="${SHAPE:-2.8b}" VQ_SHAPE="${VQ_SHAPE:-f16}" SEQ="${SEQ:-1024}" ATTENTION="${ATTENTION:-cudnn}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
 export PYTHONUNBUFFERED=1
 RESULTS="$(mkdir -p "$RESULTS" && cd "$RESULTS" && pwd)"  # absolute: the sampling and VQ-GAN steps run in bench/
@@ -19,26 +21,34 @@ SEEN="$(for f in train generate vqgan; do [ -f "$RESULTS/$f.jsonl" ] && wc -l < 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
-train() { timeout "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" --attention "$ATTENTION" --steps 3 --repeats 2 \
-  --out "$RESULTS/train.jsonl" "${@:2}" || echo "train ${*:2}: failed or timed out"; }
+# step NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, what is left of the budget); its status is returned.
+step() {
+  local name=$1 limit=$2 started=$SECONDS left=$((BUDGET_S - SECONDS)) status=0
+  shift 2
+  if ((left < 20)); then echo "[suite] $name: skipped, under 20 s of the ${BUDGET_S} s budget left (${SECONDS} s in all)"; return 1; fi
+  timeout "$((limit < left ? limit : left))" "$@" || { status=$?; echo "[suite] $name: failed or timed out"; }
+  echo "[suite] $name: $((SECONDS - started)) s (${SECONDS} s in all)"
+  return "$status"
+}
+train() { step "train ${*:2}" "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" --attention "$ATTENTION" \
+  --steps 3 --repeats 2 --out "$RESULTS/train.jsonl" "${@:2}"; }
+vqgan() { step "vqgan ${*:2}" "$1" env -C bench python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 --dtype bfloat16 \
+  --repeats 5 --out "$RESULTS/vqgan.jsonl" "${@:2}"; }
 
 # Headline: training at batch 8 × 1024 (remat that keeps weight-matmul outputs; the reference checkpoints).
 train 240 --batch 8 --remat dots_no_batch --ref
 # Sampling, bf16 weights, batch 1 and 16 (ours, then transformers' generate on the same weights).
-(cd bench && timeout 240 python generate_latency.py --shape "$SHAPE" --dtype bfloat16 --repeats 3 --ref \
-  --out "$RESULTS/generate.jsonl") || echo "generate: failed or timed out"
+step generate 240 env -C bench python generate_latency.py --shape "$SHAPE" --dtype bfloat16 --repeats 3 --ref \
+  --out "$RESULTS/generate.jsonl"
 # VQ-GAN f16 at batch 64 (taming when importable, else ours alone).
-(cd bench && { timeout 120 python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 --dtype bfloat16 --repeats 5 --ref \
-  --out "$RESULTS/vqgan.jsonl" || timeout 90 python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 \
-  --dtype bfloat16 --repeats 5 --out "$RESULTS/vqgan.jsonl"; }) || echo "vqgan: failed or timed out"
-# The sweep: remat policy and batch size (ours only).
-train 120 --batch 8 --remat full
-train 120 --batch 8 --remat dots_no_batch --attention xla   # what the fused attention is worth
-train 120 --batch 8 --remat dots
+vqgan 120 --ref || vqgan 90
+# The sweep (ours only), most telling first. On an 80 GB H100, batch 16 with fp32 Adam moments is over XLA's
+# memory limit and it recomputes matmuls (`xla_remat_copies`; `--dry_run --topology h100:1` says so); bf16
+# first moments fit. (`--remat dots` measured the same as dots_no_batch on 2026-11-28 and left the sweep.)
 train 120 --batch 16 --remat dots_no_batch
-# On an 80 GB H100, batch 16 with fp32 Adam moments is over XLA's memory limit and it recomputes matmuls
-# (`xla_remat_copies`; `--dry_run --topology h100:1` says so); bf16 first moments fit.
 train 120 --batch 16 --remat dots_no_batch --mu_dtype bfloat16
+train 120 --batch 8 --remat dots_no_batch --attention xla   # what the fused attention is worth
+train 120 --batch 8 --remat full
 
 python - "$RESULTS" "$SEEN" <<'EOF'
 import json, sys

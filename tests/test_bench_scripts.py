@@ -40,3 +40,16 @@ def test_vqgan_throughput_runs_ours_and_taming(tmp_path):
     printed, rows = _run(tmp_path, "vqgan_throughput.py", "--shape", "tiny", "--batch", "2", "--repeats", "1",
                          "--warmup", "1", "--ref")
     assert {r["impl"] for r in rows} == {"jax", "taming"} and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_gpu_suite_keeps_to_its_budget(tmp_path):
+    """With its budget spent, every step of bench/gpu_suite.sh is skipped by name and the summary still prints;
+    a step that runs gets the budget's remainder as its limit."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", BUDGET_S="0", RESULTS=str(tmp_path),
+               PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = [line for line in done.stdout.splitlines() if line.startswith("[suite]")]
+    assert len(skipped) == 8 and all("skipped, under 20 s of the 0 s budget left" in line for line in skipped), skipped
+    assert skipped[0].startswith("[suite] train --batch 8 --remat dots_no_batch --ref: ")
+    assert done.stdout.rstrip().endswith("summary") and not list(tmp_path.glob("*.jsonl"))
