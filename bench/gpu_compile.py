@@ -42,6 +42,12 @@ _ARRAY = re.compile(r"\b(pred|bf16|[fsu](?:8|16|32|64))\[([\d,]*)\]")
 _NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
 
+def _launched(op: str) -> bool:
+    """Whether an instruction runs work of its own: an async pair's `*-done` (jax 0.12's XLA runs dynamic-slice fusions
+    as fusion-start/fusion-done) only waits for what its `*-start` moved."""
+    return op not in _NOT_LAUNCHED and not op.endswith("-done")
+
+
 def _computations(hlo_text: str) -> dict[str, list[str]]:
     """The module's computations by name, each its instruction lines."""
     blocks: dict[str, list[str]] = {}
@@ -127,7 +133,7 @@ def traffic(hlo_text: str) -> list[Traffic]:
         defs = {m.group(1): m.group(2) for line in blocks[block] for m in [_INSTRUCTION.match(line)] if m}
         for line in blocks[block]:
             m = _INSTRUCTION.match(line)
-            if not m or m.group(3) in _NOT_LAUNCHED:
+            if not m or not _launched(m.group(3)):
                 continue
             name, shape, op, rest = m.groups()
             if op == "while":

@@ -43,8 +43,9 @@ def test_chunked_statistics_and_gradients_equal_the_full_ones():
     # the fused linear cross-entropy's gradients (formed in its forward pass) against autodiff of the full logits
     grad = lambda chunk: jax.grad(lambda p: 3.0 * stats(p, chunk)["loss"])(params)  # noqa: E731
     chunked_grad = grad(8)
-    for a, b in zip(jax.tree.leaves(grad(0)), jax.tree.leaves(chunked_grad)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad(0)), jax.tree.leaves(chunked_grad)):  # fp32 sums in another order: an
+        scale = max(1.0, float(np.abs(a).max()))  # entry near zero is off by rounding of the leaf's largest terms
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6 * scale)
     # the tables' 8 padding rows (120 ids, 128 rows) get no gradient, so they stay zero under AdamW
     head_grad = np.asarray(chunked_grad["embed_out"][...])
     assert not head_grad[:, 120:].any() and head_grad[:, :120].any()

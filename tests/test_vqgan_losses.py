@@ -316,10 +316,12 @@ def test_generator_and_discriminator_steps_match_taming(taming, global_step, per
     grads, metrics, _ = GENERATOR_STEP(model, disc, lpips, nhwc(x), factor, cfg=cfg)
 
     np.testing.assert_allclose(float(metrics["loss"]), float(ae_loss.detach()), rtol=1e-5)
-    for ours_key, taming_key in (("nll_loss", "nll_loss"), ("quant_loss", "quant_loss"), ("g_loss", "g_loss"),
-                                 ("d_weight", "d_weight"), ("p_loss", "p_loss"), ("disc_factor", "disc_factor")):
-        np.testing.assert_allclose(float(metrics[ours_key]), float(log[f"train/{taming_key}"]), rtol=1e-5,
-                                   atol=1e-7, err_msg=ours_key)
+    # g_loss is minus the discriminator's mean logit, compared to 1e-4 as the logits are below (jax 0.12's XLA:CPU
+    # convolutions left it 1.2e-5 off); the rest to 1e-5.
+    for key in ("nll_loss", "quant_loss", "g_loss", "d_weight", "p_loss", "disc_factor"):
+        metric_rtol = 1e-4 if key == "g_loss" else 1e-5
+        np.testing.assert_allclose(float(metrics[key]), float(log[f"train/{key}"]), rtol=metric_rtol, atol=1e-7,
+                                   err_msg=key)
     flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(grads)}
     assert sorted(flat) == sorted(want_grads)
     # Biases right before a one-channel-per-group GroupNorm and attention key biases get zero gradient by
