@@ -25,15 +25,18 @@ python -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 
 step() {
   local name=$1 limit=$2 started=$SECONDS left=$((BUDGET_S - SECONDS)) status=0
   shift 2
-  if ((left < 20)); then echo "[suite] $name: skipped, under 20 s of the ${BUDGET_S} s budget left (${SECONDS} s in all)"; return 1; fi
+  if ((left < 20)); then
+    echo "[suite] $name: skipped, under 20 s of the ${BUDGET_S} s budget left (${SECONDS} s in all)"
+    return 1
+  fi
   timeout "$((limit < left ? limit : left))" "$@" || { status=$?; echo "[suite] $name: failed or timed out"; }
   echo "[suite] $name: $((SECONDS - started)) s (${SECONDS} s in all)"
   return "$status"
 }
-train() { step "train ${*:2}" "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" --attention "$ATTENTION" \
-  --steps 3 --repeats 2 --out "$RESULTS/train.jsonl" "${@:2}"; }
-vqgan() { step "vqgan ${*:2}" "$1" env -C bench python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 --dtype bfloat16 \
-  --repeats 5 --out "$RESULTS/vqgan.jsonl" "${@:2}"; }
+train() { step "train ${*:2}" "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" \
+  --attention "$ATTENTION" --steps 3 --repeats 2 --out "$RESULTS/train.jsonl" "${@:2}"; }
+vqgan() { step "vqgan ${*:2}" "$1" env -C bench python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 \
+  --dtype bfloat16 --repeats 5 --out "$RESULTS/vqgan.jsonl" "${@:2}"; }
 
 # Headline: training at batch 8 × 1024 (remat that keeps weight-matmul outputs; the reference checkpoints).
 train 240 --batch 8 --remat dots_no_batch --ref
