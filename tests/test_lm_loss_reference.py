@@ -3,10 +3,12 @@
 HF's `labels=` loss (targets shifted by one, -100 ignored, mean over the rest) is the original's training loss in
 its `global` form; the accuracy counts are recomputed from HF's logits.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from hf_reference import hf_logits, save_hf, tiny_hf_model
 from llmcxr_jax import lm_task
@@ -63,3 +65,35 @@ def test_loss_and_accuracy_counts_match_hugging_face(models, chunk):
     assert float(stats["image_correct"]) == (hits & image).sum()
     assert float(stats["text_correct"]) == (hits & ~image).sum()
     assert hits.sum() >= 5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_training_gradients_match_hugging_face(tmp_path, tied, chunk):
+    """jax.grad of the training loss (custom VJPs for the biases, the head and the chunked cross-entropy) against
+    HF's loss.backward(); HF's gradients are read into our layout by the checkpoint loader (tested on logits)."""
+    hf = tiny_hf_model(seed=11, tie_word_embeddings=tied)
+    ours = load_hf_model(save_hf(hf, tmp_path / "hf"))
+    ids, weights = _batch(hf)
+    labels = torch.tensor(np.where(weights > 0, ids, -100), dtype=torch.long)
+    hf(torch.tensor(ids, dtype=torch.long), labels=labels).loss.backward()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.grad)
+    want = nnx.to_flat_state(nnx.state(load_hf_model(save_hf(hf, tmp_path / "grads")), nnx.Param))
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    cfg = lm_task.LMStepConfig(image_offset=IMAGE_OFFSET, loss_chunk=chunk)
+    scales = lm_task.sequence_scales(jnp.asarray(weights), "global", 2)
+
+    def loss(p):
+        return lm_task.model_statistics(nnx.merge(graphdef, p, rest), jnp.asarray(ids), jnp.asarray(weights), cfg,
+                                        scales)["loss"]
+
+    got = dict(nnx.to_flat_state(jax.grad(loss)(params)))
+    assert sorted(got) == sorted(path for path, _ in want)
+    for path, expected in want:
+        expected, actual = np.asarray(expected.get_value()), np.asarray(got[path].get_value())
+        scale = float(np.abs(expected).max())
+        assert scale > 0, path  # every parameter takes part in this loss
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale, err_msg=str(path))
