@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from train_helpers import ROOT
 
 BENCH = ROOT / "bench"
@@ -42,14 +44,18 @@ def test_vqgan_throughput_runs_ours_and_taming(tmp_path):
     assert {r["impl"] for r in rows} == {"jax", "taming"} and all(r["images_per_s"] > 0 for r in rows)
 
 
-def test_gpu_suite_keeps_to_its_budget(tmp_path):
-    """With its budget spent, every step of bench/gpu_suite.sh is skipped by name and the summary still prints;
-    a step that runs gets the budget's remainder as its limit."""
+@pytest.mark.parametrize("script, steps, first", [("gpu_suite.sh", 8, "train --batch 8 --remat dots_no_batch --ref"),
+                                                  ("gpu_profile.sh", 4, "generate --layout unstacked --ref")])
+def test_gpu_scripts_keep_to_their_budget(tmp_path, script, steps, first):
+    """With the budget spent, every step of a GPU script is skipped by name (bench/steps.sh) and the script
+    still ends normally (gpu_suite.sh with its summary)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", BUDGET_S="0", RESULTS=str(tmp_path),
                PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    done = subprocess.run(["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", str(BENCH / script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    skipped = [line for line in done.stdout.splitlines() if line.startswith("[suite]")]
-    assert len(skipped) == 8 and all("skipped, under 20 s of the 0 s budget left" in line for line in skipped), skipped
-    assert skipped[0].startswith("[suite] train --batch 8 --remat dots_no_batch --ref: ")
-    assert done.stdout.rstrip().endswith("summary") and not list(tmp_path.glob("*.jsonl"))
+    lines = [line for line in done.stdout.splitlines() if line.startswith(f"[{script}]")]
+    assert len(lines) == steps and all("skipped, under 20 s of the 0 s budget left" in line for line in lines), lines
+    assert lines[0].startswith(f"[{script}] {first}: ")
+    assert not list(tmp_path.glob("*.jsonl"))
+    if script == "gpu_suite.sh":
+        assert done.stdout.rstrip().endswith("summary")

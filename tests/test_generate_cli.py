@@ -17,6 +17,7 @@ from llmcxr_jax.generate import Sampler
 from llmcxr_jax.sampling import SamplingParams
 from test_generate_common import REPORTS, hf_dir, small_tokenizer
 from vqgan_flax.config import PRESETS
+from vqgan_flax.images import load_image, postprocess, preprocess
 
 TINY_VQGAN = PRESETS["tiny"]  # 32² images, 16×16 codes from 64 entries
 
@@ -66,6 +67,13 @@ def test_cli_report_to_cxr_writes_pngs_and_reproduces(dirs, tmp_path):
         assert png.size == (TINY_VQGAN.resolution, TINY_VQGAN.resolution)
         assert (tmp_path / "a" / r["image"]).read_bytes() == (tmp_path / "b" / s["image"]).read_bytes()
     assert first[0]["output"] != first[1]["output"]
+    # each PNG is its own row's codes through the VQ-GAN (the sampler decodes in device-sized chunks)
+    vqgan = vqgan_flax.load(dirs["vqgan"])
+    expected = postprocess(np.asarray(nnx.jit(vqgan_flax.VQGAN.decode)(
+        vqgan, np.asarray([r["output"] for r in first], np.int32))))
+    for r, want in zip(first, expected):
+        png = np.asarray(Image.open(tmp_path / "a" / r["image"]))
+        assert np.abs(png.astype(int) - want).max() <= 1, r["index"]  # float rounding only
 
 
 def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path, capsys):
@@ -80,6 +88,14 @@ def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path, capsys):
     assert [(r["output"], r["instruction"]) for r in reports] == [(r["output"], r["instruction"]) for r in again]
     assert [r["input"] for r in reports] == list(map(str, images))
     assert all(isinstance(r["output"], str) for r in reports) and any(r["output"] for r in reports)
+    # each report is the one for its own image's codes, encoded directly
+    vqgan = vqgan_flax.load(dirs["vqgan"])
+    pixels = np.stack([preprocess(load_image(path), TINY_VQGAN.resolution) for path in images])
+    codes = np.asarray(nnx.jit(vqgan_flax.VQGAN.encode)(vqgan, pixels))
+    sampler = Sampler.from_checkpoint(dirs["ckpt"], dirs["vqgan"], dtype="float32", batch_size=2)
+    direct = sampler.cxr_to_report(codes=codes, instruction=[r["instruction"] for r in reports], seed=reports[0]["seed"],
+                                   max_new_tokens=16)
+    assert [r["output"] for r in reports] == direct.texts
     lines = tmp_path / "questions.txt"
     lines.write_text("What is an effusion?\n\nDescribe the heart.\n")
     answers = run_cli(dirs, tmp_path / "answers", "--task", "instruct", "--input_file", str(lines),
@@ -151,7 +167,12 @@ def test_empty_inputs_give_empty_results_with_a_vqgan_and_greedy_ignores_tempera
     empty = sampler.report_to_cxr([])
     assert empty.codes.shape == (0, *TINY_VQGAN.grid) and empty.images.shape == (0, 32, 32, 3)
     assert sampler.cxr_to_report(np.zeros((0, 32, 32, 3), np.float32)).texts == []
-    assert sampler.instruct(["Describe the heart."], max_new_tokens=4).texts[0] is not None
+    plain_greedy = Sampler.from_checkpoint(dirs["ckpt"], dirs["vqgan"], dtype="float32", batch_size=2,
+                                           sampling=SamplingParams(greedy=True))
+    question = ["Describe the heart."]
+    assert (sampler.instruct(question, max_new_tokens=4).texts
+            == plain_greedy.instruct(question, max_new_tokens=4, seed=1).texts)
+
 
 def test_cli_refuses_a_vqgan_with_another_fingerprint(dirs, tmp_path, capsys):
     with pytest.raises(SystemExit, match="fingerprint .* differs from vqgan_fingerprint"):

@@ -133,16 +133,20 @@ def test_gelu_and_its_gradient_equal_torch(dtype):
         np.testing.assert_allclose(ours, theirs, rtol=ulp, atol=1e-6)
 
 
-def test_bf16_forward_close_to_fp32(tmp_path):
+def test_bf16_forward_is_as_close_to_fp32_as_hugging_faces_bf16(tmp_path):
+    """bf16 weights and compute err from fp32 by rounding; ours may not err much more than HF's own bf16 model
+    (a softmax or LayerNorm statistic left in bf16 would)."""
     hf = tiny_hf_model(seed=4)
     path = save_hf(hf, tmp_path / "hf")
-    ids = jnp.asarray(_ids(2, 16, hf.config.vocab_size))
-    fp32 = np.asarray(load_hf_model(path)(ids))
-    bf16 = np.asarray(load_hf_model(path, dtype="bfloat16")(ids))
-    assert load_hf_model(path, dtype="bfloat16").layers.qkv_kernel[...].dtype == jnp.bfloat16
-    scale = np.abs(fp32).max()
-    assert np.abs(bf16 - fp32).max() < 0.05 * scale
-    assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() > 0.9
+    ids = _ids(2, 16, hf.config.vocab_size)
+    fp32 = hf_logits(hf, ids)
+    model = load_hf_model(path, dtype="bfloat16")
+    assert model.layers.qkv_kernel[...].dtype == jnp.bfloat16
+    ours = np.asarray(model(jnp.asarray(ids)), np.float32)
+    theirs = hf_logits(hf.to(torch.bfloat16), ids)
+    ours_error, their_error = np.abs(ours - fp32).max(), np.abs(theirs - fp32).max()
+    assert 0 < ours_error <= 2 * their_error, (ours_error, their_error)
+    assert (ours.argmax(-1) == fp32.argmax(-1)).mean() >= 0.95
 
 
 def test_sharded_forward_equals_unsharded():

@@ -1,6 +1,7 @@
 """The token layout, proven against transformers' tokenizer built from the same file as dolly/LLM-CXR built theirs."""
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 
@@ -45,6 +46,17 @@ TEXTS = [
     "".join(chr(c) for c in range(32, 127)),
     " " * 40 + "x" + "\n" * 30 + "y" + "\t" * 9,
 ]
+
+
+ASSET_SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"  # PROVENANCE.md's, checked there
+# against transformers' GPT-NeoX test vector and llama.cpp's reference tokenizations
+
+
+def test_packaged_tokenizer_is_the_checked_gpt_neox_file():
+    """The references below are built from the packaged file, so an edited file would pass them: pin its bytes."""
+    assert hashlib.sha256(PACKAGED.read_bytes()).hexdigest() == ASSET_SHA256
+    provenance = importlib.resources.files("llmcxr_jax").joinpath("assets", "PROVENANCE.md").read_text()
+    assert f"sha256: {ASSET_SHA256}" in provenance
 
 
 def build_hf_reference():

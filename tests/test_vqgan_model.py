@@ -130,7 +130,7 @@ def test_bfloat16_compute_stays_close_to_float32(reference):
     latents = np.asarray(nnx.jit(lambda m, x: m.encode_latents(x))(model, jnp.asarray(reference["images"])))
     assert latents.dtype == np.float32  # bf16 convs, fp32 distances
     scale = np.abs(reference["latents"]).max()
-    assert 0 < np.abs(latents - reference["latents"]).max() <= 0.05 * scale
+    assert 0 < np.abs(latents - reference["latents"]).max() <= 0.03 * scale  # measured 1.5%: bf16 rounding
 
 
 def test_training_forward_and_gradients_match_taming(reference):
