@@ -21,18 +21,7 @@ SEEN="$(for f in train generate vqgan; do [ -f "$RESULTS/$f.jsonl" ] && wc -l < 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
-# step NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, what is left of the budget); its status is returned.
-step() {
-  local name=$1 limit=$2 started=$SECONDS left=$((BUDGET_S - SECONDS)) status=0
-  shift 2
-  if ((left < 20)); then
-    echo "[suite] $name: skipped, under 20 s of the ${BUDGET_S} s budget left (${SECONDS} s in all)"
-    return 1
-  fi
-  timeout "$((limit < left ? limit : left))" "$@" || { status=$?; echo "[suite] $name: failed or timed out"; }
-  echo "[suite] $name: $((SECONDS - started)) s (${SECONDS} s in all)"
-  return "$status"
-}
+source bench/steps.sh
 train() { step "train ${*:2}" "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" \
   --attention "$ATTENTION" --steps 3 --repeats 2 --out "$RESULTS/train.jsonl" "${@:2}"; }
 vqgan() { step "vqgan ${*:2}" "$1" env -C bench python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 \

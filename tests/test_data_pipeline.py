@@ -153,11 +153,9 @@ def test_masking_padding_and_buckets(tok):
     it = make_lm_iterator({"mimic": mimic(10, n_codes=256), "dolly": dolly(4)}, tok, global_batch_size=6,
                           process_index=0, process_count=1, lengths=LENGTHS)
     assert (tok.response_key_id, tok.end_id, tok.image_offset) == (50280, 50277, 50281)
-    widths = set()
     for batch in take(it, 6):
         ids, weights = batch["input_ids"], batch["loss_weights"]
         assert ids.dtype == np.int32 and weights.dtype == np.float32 and ids.shape == weights.shape
-        widths.add(ids.shape[1])
         lengths = (ids != 0).sum(axis=1)
         assert ids.shape[1] == min(n for n in LENGTHS if n >= lengths.max())
         for row, w, n in zip(ids, weights, lengths):
@@ -167,7 +165,6 @@ def test_masking_padding_and_buckets(tok):
             assert not w[n:].any() and not row[n:].any()
             if (row[start + 1:n] >= tok.image_offset).any():  # report→CXR: the image is the target
                 assert (row[start + 1:n] >= tok.image_offset).sum() == 256
-    assert len(widths) <= len(LENGTHS)
 
 
 def test_eval_iterator_one_pass_padded(tok):

@@ -131,8 +131,11 @@ def test_text_tasks_use_the_original_prompts_and_post_processing(directory, toke
     assert all(isinstance(t, str) for t in reports.texts) and any(reports.texts)
     answer = sampler.instruct("Describe the heart.", max_new_tokens=12, seed=9)
     with_input = sampler.instruct("Summarize.", REPORTS[:2], max_new_tokens=12, seed=9)
-    assert len(answer.texts) == 1 and answer.instructions == ["Describe the heart."]
-    assert len(with_input.texts) == 2 and with_input.instructions == ["Summarize."] * 2
+    assert answer.instructions == ["Describe the heart."] and with_input.instructions == ["Summarize."] * 2
+    for result, inputs in ((answer, [None]), (with_input, REPORTS[:2])):  # Dolly's prompts, same post-processing
+        ids = [prompts.generation_prompt_ids(tokenizer, i, input_text=x) for i, x in zip(result.instructions, inputs)]
+        new = sampler.generate(ids, spec, seed=9).ids
+        assert result.texts == [prompts.extract_response_text(tokenizer, p + n.tolist()) for p, n in zip(ids, new)]
     per_row = ["Read this image.", "Describe this image.", "Report."]
     assert sampler.cxr_to_report(codes=codes, instruction=per_row, max_new_tokens=4).instructions == per_row
     with pytest.raises(ValueError, match="2 instructions for 3 inputs"):

@@ -162,7 +162,7 @@ def test_train_data_takes_report_dropout_from_the_config(prepared):
     assert train.report_dropout(config) == 0.0
     it, per_epoch, _ = train.make_train_data(config)
     unset = [row for _ in range(per_epoch) for row in next(it)["input_ids"]]
-    assert all(np.array_equal(a, b) for a, b in zip(plain, unset))
+    assert len(plain) == len(unset) and all(np.array_equal(a, b) for a, b in zip(plain, unset))
 
 
 def test_build_cli_prepares_the_mimic_configs(tmp_path, capsys):

@@ -433,5 +433,5 @@ def test_reconverting_without_loss_tensors_drops_the_old_ones_and_bad_loss_files
 def test_not_a_checkpoint(reference, tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("not a checkpoint")
-    with pytest.raises(CheckpointReadError, match="notes.ckpt"):
+    with pytest.raises(CheckpointReadError, match="notes.ckpt: not a zip-format torch checkpoint"):
         convert.convert(path, reference["yaml"], tmp_path / "out")
