@@ -24,6 +24,7 @@ from vqgan_flax import checkpoint, convert
 from vqgan_flax.config import PRESETS, VQGANConfig
 from vqgan_flax.losses import codebook_loss
 from vqgan_flax.losses import read_loss_tensors
+from vqgan_flax.model import VQGAN
 from vqgan_flax.quantizer import VectorQuantizer
 from vqgan_flax.safe_pickle import UnsafePickleError
 from vqgan_flax.torch_checkpoint import CheckpointReadError, _restricted_torch_load, read_state_dict
@@ -435,3 +436,32 @@ def test_not_a_checkpoint(reference, tmp_path):
     path.write_text("not a checkpoint")
     with pytest.raises(CheckpointReadError, match="notes.ckpt: not a zip-format torch checkpoint"):
         convert.convert(path, reference["yaml"], tmp_path / "out")
+
+
+def _precisions(fn, *args, primitives=("conv_general_dilated", "dot_general")) -> set[str]:
+    """The precision of every convolution and matmul (`primitives`) in `fn`'s jaxpr, nested calls included."""
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in primitives:
+                found.add(str(eqn.params["precision"]))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_fp32_encode_and_decode_run_at_full_precision_and_training_keeps_the_default():
+    """XLA:GPU runs fp32 at its default precision as TF32; the original's codes came from full fp32."""
+    images = jnp.zeros((1, TINY.resolution, TINY.resolution, 3))
+    codes = jnp.zeros((1, *TINY.grid), jnp.int32)
+    highest, default = "(Precision.HIGHEST, Precision.HIGHEST)", "(Precision.DEFAULT, Precision.DEFAULT)"
+    with jax.default_matmul_precision("default"):  # the suite's conftest sets "highest" for everything
+        fp32 = VQGAN(TINY, rngs=nnx.Rngs(0))
+        assert _precisions(fp32.encode, images) == {highest} == _precisions(fp32.decode, codes)
+        # the training forward pass: convolutions at the default (the codebook distances are always HIGHEST)
+        assert _precisions(lambda x: fp32(x)[0], images, primitives=("conv_general_dilated",)) == {default}
+        bf16 = VQGAN(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        convs = ("conv_general_dilated",)
+        assert highest not in _precisions(bf16.encode, images, primitives=convs) | _precisions(bf16.decode, codes)

@@ -6,6 +6,8 @@ Layout is NHWC; parameters are fp32, the compute dtype is a constructor argument
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -119,6 +121,7 @@ class VQGAN(nnx.Module):
 
     def __init__(self, config: VQGANConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.config = config
+        self.dtype = dtype
         self.encoder = Encoder(config, dtype, rngs)
         self.quant_conv = conv(config.z_channels, config.embed_dim, 1, dtype, rngs)
         self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, rngs=rngs)
@@ -133,7 +136,8 @@ class VQGAN(nnx.Module):
 
     def encode(self, images: jax.Array) -> jax.Array:
         """Images (B, H, W, C) in [-1, 1] -> int32 codes (B, H/f, W/f) in raster order."""
-        return self.quantize.indices(self.encode_latents(images))
+        with self._inference_precision():
+            return self.quantize.indices(self.encode_latents(images))
 
     def decode_latents(self, z_q: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Quantised latents (B, h, w, embed_dim) -> images (B, H, W, out_ch), fp32, not clipped."""
@@ -143,7 +147,16 @@ class VQGAN(nnx.Module):
         """Codes (B, h, w) -> images (B, H, W, out_ch). Codes outside [0, n_embed) are clamped; validate first."""
         if codes.ndim != 3:
             raise ValueError(f"codes must be (B, h, w), got {codes.shape}")
-        return self.decode_latents(self.quantize.lookup(codes))
+        with self._inference_precision():
+            return self.decode_latents(self.quantize.lookup(codes))
+
+    def _inference_precision(self) -> contextlib.AbstractContextManager:
+        """Full fp32 convolutions and matmuls for an fp32 model's encode and decode. XLA:GPU's default precision
+        runs fp32 as TF32 on Ampere and newer GPUs, which the original (CUDA 10.2) never did and which flips
+        near-tie codebook choices (SPEC §12 expects the original's codes). Training keeps the default; bf16
+        models are not affected."""
+        full = jnp.dtype(self.dtype) == jnp.float32
+        return jax.default_matmul_precision("highest") if full else contextlib.nullcontext()
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, QuantizerOutput]:
         """Training forward pass: reconstruction (through the straight-through estimator) and quantizer terms."""
