@@ -138,6 +138,38 @@ def test_loss_weights_zero_on_padding_and_error_without_key(tok):
         prompts.completion_loss_weights(tok.encode("### Response: no newline"), tok.response_key_id)
 
 
+def test_loss_weights_equal_the_originals_collator(tok):
+    """SPEC §8 through the original's own pieces: transformers' DataCollatorForLanguageModeling (mlm off; pad =
+    <|endoftext|>, so its label -100 also covers a literal <|endoftext|> in a report) plus dolly's completion-only
+    step, which masks every label up to and including the first `### Response:\n` id of each row."""
+    import test_tokenizer
+    import torch
+    import transformers
+    from llmcxr_jax.data.batching import pad_batch
+
+    hf = test_tokenizer.build_hf_reference()
+    hf.pad_token = "<|endoftext|>"
+    response_id = hf.encode("### Response:\n")[0]
+    codes = np.random.default_rng(0).integers(0, 1024, 256)
+    examples = [
+        prompts.cxr_to_report_example(tok, "No acute process. <|endoftext|> x", codes,
+                                      prompts.CXR_VQ_INPUT_INSTRUCTION_LIST[3]),
+        prompts.report_to_cxr_example(tok, "Small left effusion.", codes, prompts.CXR_VQ_OUTPUT_INSTRUCTION_LIST[5]),
+        prompts.vqa_example(tok, "Is there an effusion?", "yes", codes),
+        prompts.instruction_example(tok, "Say hi", "", "hi"),
+        prompts.instruction_example(tok, "Summarise", "ctx ### Response: here", "ok")]
+    collator = transformers.DataCollatorForLanguageModeling(hf, mlm=False, return_tensors="pt", pad_to_multiple_of=8)
+    batch = collator([{"input_ids": e.input_ids.tolist()} for e in examples])
+    labels = batch["labels"].clone()
+    for row in range(len(examples)):
+        first = int(torch.nonzero(batch["labels"][row] == response_id)[0, 0])
+        labels[row, :first + 1] = -100
+    ours = pad_batch(examples, len(examples), batch["input_ids"].shape[1])
+    assert (batch["input_ids"].numpy() == ours["input_ids"]).all()
+    assert ((labels.numpy() != -100) == (ours["loss_weights"] > 0)).all()
+    assert 0 in examples[0].input_ids.tolist()  # the literal <|endoftext|> is in the report, and unsupervised
+
+
 # ---- image injection ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, count", [("Input:\nno placeholder", 0), ("Input: <image>", 0),  # ' <' merges
