@@ -113,19 +113,23 @@ def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.shar
         finally:
             ckpts.close()
     else:
+        params_dir = directory / "params"
+        if not params_dir.is_dir():
+            raise FileNotFoundError(f"{params_dir}: missing; {directory} has meta.json but no parameters")
         with ocp.StandardCheckpointer() as ckptr:
-            stored = ckptr.metadata(directory / "params").item_metadata.tree
-            differences = _shape_differences(stored, target)
+            stored = ckptr.metadata(params_dir).item_metadata  # None without Orbax's _METADATA file
+            differences = _shape_differences(stored.tree, target) if stored is not None else []
             if differences:  # before any read starts: Orbax's failed asynchronous reads leave noise behind
-                raise ValueError(f"{directory / 'params'}: parameters do not match the model config in meta.json "
+                raise ValueError(f"{params_dir}: parameters do not match the model config in meta.json "
                                  f"({'; '.join(differences)})")
-            params = ckptr.restore(directory / "params", target)
+            params = ckptr.restore(params_dir, target)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
 def _shape_differences(stored: Any, target: Any, limit: int = 3) -> list[str]:
-    """Up to `limit` lines naming a parameter that one tree has and the other lacks, or whose shapes differ."""
+    """A line per parameter that one tree has and the other lacks, or whose shapes differ: the first `limit`,
+    then how many more."""
     def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves}

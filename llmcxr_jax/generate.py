@@ -40,7 +40,7 @@ from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, unstack_layers
 from llmcxr_jax.sampling import DecodeSpec, SamplingParams, decode, row_keys
 from llmcxr_jax.tokenizer import END_KEY, LlmCxrTokenizer
-from vqgan_flax.atomic import make_output_dir
+from vqgan_flax.atomic import check_output_dir
 from vqgan_flax.images import ImageLoadError, ImageTooSmallError, load_image, postprocess, preprocess
 from vqgan_flax.parallel import DataParallel
 
@@ -522,7 +522,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     max_new = DEFAULT_MAX_NEW_TOKENS[args.task] if args.max_new_tokens is None else args.max_new_tokens
     if max_new < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {max_new}")
-    out = make_output_dir(args.out)  # before the (minutes-long) model load, like the image files
+    out = check_output_dir(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the (minutes-long) model load, like the image files
     mesh = parallel.make_mesh(args.mesh) if args.mesh else None
     sampler = Sampler.from_checkpoint(args.checkpoint, args.vqgan, mesh=mesh, dtype=args.dtype,
                                       batch_size=args.batch_size, sampling=sampling)

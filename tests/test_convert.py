@@ -310,6 +310,15 @@ def test_checkpoint_with_other_config_is_refused(tmp_path):
     gc.collect()  # an unfinished read's failure would surface here as an unraisable-exception warning
 
 
+def test_checkpoint_without_params_is_named(tmp_path):
+    convert.main(["hf-to-orbax", str(save_hf(tiny_hf_model(), tmp_path / "hf")), str(tmp_path / "ckpt")])
+    (tmp_path / "ckpt" / "params" / "_METADATA").unlink()  # Orbax's tree metadata: the restore needs no more
+    assert checkpoint.load_model(tmp_path / "ckpt").config.hidden_size == 32
+    shutil.rmtree(tmp_path / "ckpt" / "params")
+    with pytest.raises(SystemExit, match=r"^error: \S*ckpt/params: missing; \S*ckpt has meta.json but no parameters$"):
+        convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")])
+
+
 @pytest.mark.parametrize("content,message", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, "
                                                                                          "got list")])
 def test_metadata_files_that_are_not_json_objects_are_named(tmp_path, content, message):

@@ -308,6 +308,10 @@ def test_cli_bad_output_or_batch_size_is_one_error_line(vqgan_dir, tmp_path):
     assert not (tmp_path / "none").exists()
     meta = CodesMeta(vqgan_flax.checkpoint.read_fingerprint(vqgan_dir), TINY.grid, TINY.num_codes, META.recipe)
     CodesWriter(tmp_path / "codes2", meta).write(["x1"], random_codes(1))
+    for cli, inputs in ((encode_cli, [str(image)]), (decode_cli, ["--codes", str(tmp_path / "codes2")])):
+        with pytest.raises(SystemExit, match=r"^error: "):  # a VQ-GAN that is not there: no --out left behind
+            cli.main(["--vqgan", str(tmp_path / "no_vqgan"), "--out", str(tmp_path / "unmade"), *inputs])
+        assert not (tmp_path / "unmade").exists()
     with pytest.raises(SystemExit, match=r"^error: --out \S*afile exists and is not a directory$"):
         decode_cli.main(["--vqgan", str(vqgan_dir), "--codes", str(tmp_path / "codes2"), "--out",
                          str(tmp_path / "afile")])

@@ -1,5 +1,5 @@
 """Whole-file writes that readers never see half done (a temporary file beside the target, then a rename), and
-the output directories they go into."""
+the check of the output directory they go into."""
 from __future__ import annotations
 
 import os
@@ -18,11 +18,10 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def make_output_dir(path: str | Path, flag: str = "--out") -> Path:
-    """`path` as a directory, created if missing; a file in its place is refused by `flag` and name (mkdir alone
-    would say only 'File exists')."""
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as a Path, refused by `flag` and name when a file is in its place (mkdir would say only 'File
+    exists', and later than the inputs' checks); creating it is the caller's, once the inputs are good."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{flag} {path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
     return path

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vqgan_flax import checkpoint
-from vqgan_flax.atomic import make_output_dir, write_atomic
+from vqgan_flax.atomic import check_output_dir, write_atomic
 from vqgan_flax.codes import CodesDir, CodesError, read_pickle
 from vqgan_flax.images import postprocess, postprocess_original
 from vqgan_flax.json_object import read_json_object
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="global batch, rounded up to the device count")
     args = parser.parse_args(argv)
     try:
-        make_output_dir(args.out)
+        check_output_dir(args.out)
         model = checkpoint.load(args.vqgan)
         fingerprint = checkpoint.read_fingerprint(args.vqgan)
         codes = read_codes(Path(args.codes), model, fingerprint)

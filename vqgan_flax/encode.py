@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vqgan_flax import checkpoint
-from vqgan_flax.atomic import make_output_dir
+from vqgan_flax.atomic import check_output_dir
 from vqgan_flax.codes import INVALID_FILE, CodesMeta, CodesWriter
 from vqgan_flax.images import DICOM_MODES, IMAGE_SUFFIXES, RECIPE, image_files, load_image, preprocess
 from vqgan_flax.model import VQGAN
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         images = find_images(args.inputs)
-        make_output_dir(args.out)
+        check_output_dir(args.out)
         model = checkpoint.load(args.vqgan)
         recipe = {**RECIPE, "size": model.config.resolution, "dicom_mode": args.dicom_mode}
         meta = CodesMeta(checkpoint.read_fingerprint(args.vqgan), model.config.grid, model.config.num_codes, recipe)
