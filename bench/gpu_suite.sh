@@ -24,7 +24,7 @@ python -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 
 source bench/steps.sh
 train() { step "train ${*:2}" "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" \
   --attention "$ATTENTION" --steps 3 --repeats 2 --out "$RESULTS/train.jsonl" "${@:2}"; }
-vqgan() { step "vqgan ${*:2}" "$1" env -C bench python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 \
+vqgan() { step "vqgan${2:+ ${*:2}}" "$1" env -C bench python vqgan_throughput.py --shape "$VQ_SHAPE" --batch 64 \
   --dtype bfloat16 --repeats 5 --out "$RESULTS/vqgan.jsonl" "${@:2}"; }
 
 # Headline: training at batch 8 × 1024 (remat that keeps weight-matmul outputs; the reference checkpoints).
@@ -41,6 +41,8 @@ train 120 --batch 16 --remat dots_no_batch
 train 120 --batch 16 --remat dots_no_batch --mu_dtype bfloat16
 train 120 --batch 8 --remat dots_no_batch --attention xla   # what the fused attention is worth
 train 120 --batch 8 --remat full
+# The encode/decode CLIs' default: fp32 at full precision (no TF32; VQGAN.encode/decode), beside taming's.
+vqgan 90 --dtype float32
 
 python - "$RESULTS" "$SEEN" <<'EOF'
 import json, sys

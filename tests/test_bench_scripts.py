@@ -44,7 +44,7 @@ def test_vqgan_throughput_runs_ours_and_taming(tmp_path):
     assert {r["impl"] for r in rows} == {"jax", "taming"} and all(r["images_per_s"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("script, steps, first", [("gpu_suite.sh", 8, "train --batch 8 --remat dots_no_batch --ref"),
+@pytest.mark.parametrize("script, steps, first", [("gpu_suite.sh", 9, "train --batch 8 --remat dots_no_batch --ref"),
                                                   ("gpu_profile.sh", 4, "generate --layout unstacked --ref")])
 def test_gpu_scripts_keep_to_their_budget(tmp_path, script, steps, first):
     """With the budget spent, every step of a GPU script is skipped by name (bench/steps.sh) and the script
@@ -59,3 +59,13 @@ def test_gpu_scripts_keep_to_their_budget(tmp_path, script, steps, first):
     assert not list(tmp_path.glob("*.jsonl"))
     if script == "gpu_suite.sh":
         assert done.stdout.rstrip().endswith("summary")
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
+    """bench/steps.sh: a step over its limit ends with status 124 and says so; the processes it started go too."""
+    marker = f"sleep 47.{os.getpid()}"
+    script = f"BUDGET_S=100; source {BENCH / 'steps.sh'}; step sleeper 1 bash -c '{marker} & wait'; echo status=$?"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert "[bash] sleeper: timed out after 1 s" in done.stdout and "status=124" in done.stdout, done.stdout
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
