@@ -16,6 +16,8 @@ from llmcxr_jax import aot, sampling
 from llmcxr_jax.model import GPTNeoXConfig, gelu
 from train_helpers import ROOT
 
+DATA = ROOT / "tests" / "data"
+
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_compile  # noqa: E402  bench/gpu_compile.py
 
@@ -110,7 +112,13 @@ def test_traffic_counts_each_loop_trip_and_only_the_slices_a_trip_touches():
         return jax.lax.scan(layer, h, weights)
 
     with jax.default_matmul_precision("default"):
-        rows_moved = gpu_compile.traffic(jax.jit(forward).lower(stacked, x).compile().as_text())
+        _assert_slices_per_trip(jax.jit(forward).lower(stacked, x).compile().as_text(), layers, width, rows)
+    # the same program as jax 0.12's XLA compiles it: its dynamic slices are async fusion-start/fusion-done pairs
+    _assert_slices_per_trip((DATA / "scan_async_slices_h100_jax012.hlo").read_text(), layers, width, rows)
+
+
+def _assert_slices_per_trip(hlo_text: str, layers: int, width: int, rows: int) -> None:
+    rows_moved = gpu_compile.traffic(hlo_text)
     per_trip = [r for r in rows_moved if r.runs == layers]
     assert per_trip, rows_moved
     weight_bytes, stack_bytes = layers * width * width * 4, layers * rows * width * 4

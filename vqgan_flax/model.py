@@ -153,7 +153,7 @@ class VQGAN(nnx.Module):
     def _inference_precision(self) -> contextlib.AbstractContextManager:
         """Full fp32 convolutions and matmuls for an fp32 model's encode and decode. XLA:GPU's default precision
         runs fp32 as TF32 on Ampere and newer GPUs, which the original (CUDA 10.2) never did and which flips
-        near-tie codebook choices (SPEC §12 expects the original's codes). Training keeps the default; bf16
+        near-tie codebook choices (SPEC §12, §15.3 expect the original's codes). Training keeps the default; bf16
         models are not affected."""
         full = jnp.dtype(self.dtype) == jnp.float32
         return jax.default_matmul_precision("highest") if full else contextlib.nullcontext()
