@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark set in one call, within a 5-minute budget (BUDGET_S, default 290 s), most important
 # first: the 2.8B train step at seq 1024 beside the transformers reference, sampling at batch 1 and 16 beside
-# transformers' generate, the VQ-GAN beside taming (when taming is importable), then a sweep of batch size,
-# Adam moment dtype, attention and remat policy. Each step has its own time limit, cut to what is left of the
-# budget; a step that would start with under 20 s left is skipped and says so. Every step prints its seconds.
-# Runs from source (PYTHONPATH), importing only what the GPU machines have. (The 2026-11-28 H200 call, with one
-# more sweep row and no budget, took 6-7 minutes.)
+# transformers' generate, the bf16 VQ-GAN beside taming (when taming is importable), then a sweep of batch
+# size, Adam moment dtype, attention and remat policy, and last the fp32 VQ-GAN the encode/decode CLIs run.
+# Each step has its own time limit, cut to what is left of the budget (bench/steps.sh); a step that would start
+# with under 20 s left is skipped and says so. Every step prints its seconds. Runs from source (PYTHONPATH),
+# importing only what the GPU machines have. (The 2026-11-28 H200 call, with one more sweep row, no fp32 VQ-GAN
+# row and no budget, took 6-7 minutes.)
 #
 #   bash bench/gpu_suite.sh 2>&1 | tee bench/results/gpu_suite.log
 #   RESULTS=/some/dir bash bench/gpu_suite.sh      # write the JSON lines elsewhere (default bench/results)
