@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from llmcxr_jax import aot, checkpoint, config_files, lm_task, model, parallel, trainer
 from llmcxr_jax.lm_checkpoint import finished_steps
+from vqgan_flax.atomic import check_output_dir
 
 if TYPE_CHECKING:
     from llmcxr_jax.tokenizer import LlmCxrTokenizer
@@ -287,8 +288,11 @@ def run_from_flags(argv: list[str], run_fn: Callable[..., Any], example_config: 
         raise app.UsageError("--workdir is required (checkpoints and logs go there)")
     if FLAGS.topology and not FLAGS.dry_run:
         raise app.UsageError("--topology only makes sense with --dry_run")
-    if FLAGS.workdir and Path(FLAGS.workdir).exists() and not Path(FLAGS.workdir).is_dir():
-        raise app.UsageError(f"--workdir {FLAGS.workdir} exists and is not a directory")
+    if FLAGS.workdir:
+        try:
+            check_output_dir(FLAGS.workdir, "--workdir")
+        except NotADirectoryError as err:
+            raise app.UsageError(str(err)) from None
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; our progress bar says enough
     try:
         config = config_files.config_from_flags()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vqgan_flax.atomic import check_output_dir
+
 STEPS = 9
 
 
@@ -45,8 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     counts = ("num_train", "num_test", "vqgan_steps", "stage1_steps", "stage2_steps", "lm_batch", "tokenizer_vocab")
     if bad := [f"--{name} {getattr(args, name)}" for name in counts if getattr(args, name) < 1]:
         parser.error(f"{', '.join(bad)}: must be at least 1")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} exists and is not a directory")
+    try:
+        check_output_dir(args.out)
+    except NotADirectoryError as err:
+        parser.error(str(err))
     return args
 
 
