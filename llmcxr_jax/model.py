@@ -304,9 +304,10 @@ def rotary_tables(positions: jax.Array, rotary_dims: int, base: float) -> tuple[
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """GPT-NeoX partial rotary: rotate_half on the first `dims` channels of each head, pass the rest through."""
     dims = cos.shape[-1]
-    rot, rest = x[..., :dims].astype(jnp.float32), x[..., dims:]
-    half = dims // 2
-    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    rot, rest = jnp.split(x, [dims], axis=-1)
+    rot = rot.astype(jnp.float32)
+    first, second = jnp.split(rot, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
     return jnp.concatenate([(rot * cos + rotated * sin).astype(x.dtype), rest], axis=-1)
 
 
@@ -381,7 +382,7 @@ def _block(cfg: GPTNeoXConfig, x, p, cos, sin, mask, kv):
     qkv_kernel = p["qkv_kernel"].reshape(h.shape[-1], -1).astype(dt)
     qkv = add_bias(_matmul(h.reshape(-1, h.shape[-1]), qkv_kernel), p["qkv_bias"].reshape(-1).astype(dt))
     qkv = qkv.reshape(*h.shape[:-1], *p["qkv_kernel"].shape[1:])
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    q, k, v = (jnp.squeeze(t, 3) for t in jnp.split(qkv, 3, axis=3))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if kv is not None:
         k_all, v_all, layer, index = kv

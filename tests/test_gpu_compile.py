@@ -126,10 +126,23 @@ def _assert_slices_per_trip(hlo_text: str, layers: int, width: int, rows: int) -
     assert sum(r.bytes_per_run * r.runs for r in per_trip) >= weight_bytes + stack_bytes, per_trip
 
 
-def test_the_training_step_compiles_for_an_h100_with_one_run_of_each_layer_kernel_per_layer():
-    hlo = gpu_compile.train_step_hlo(batch=8, seq_len=32, variant="tiny")  # configs/stage1.py:tiny, 2 layers
-    runs = Counter(r.runs for r in gpu_compile.traffic(hlo))
+@pytest.fixture(scope="module")
+def train_hlo() -> str:
+    return gpu_compile.train_step_hlo(batch=8, seq_len=32, variant="tiny")  # configs/stage1.py:tiny, 2 layers
+
+
+def test_the_training_step_compiles_for_an_h100_with_one_run_of_each_layer_kernel_per_layer(train_hlo):
+    runs = Counter(r.runs for r in gpu_compile.traffic(train_hlo))
     assert set(runs) == {1, 2, 4} and runs[2] > runs[4], runs  # entry, forward/backward layer scans, loss chunks
+
+
+def test_the_layer_backward_assembles_the_qkv_gradient_by_concatenation(train_hlo):
+    """Splitting q/k/v and the rotary channels with `jnp.split` makes their gradients one concatenate; sliced
+    by indexing, each gradient was a zero pad of the whole qkv width and the pads were added, inside the qkv
+    bias gradient's column reduce: the slowest kernel of the H200 profile for its traffic (NOTES.md)."""
+    layer_ops = [line for line in train_hlo.splitlines() if "while/body" in line]
+    assert any(" concatenate(" in line and "transpose(jvp())" in line for line in layer_ops)
+    assert not [line for line in layer_ops if " pad(" in line]
 
 
 def test_deviceless_compiles_stay_out_of_the_persistent_compilation_cache(tmp_path):
