@@ -132,9 +132,9 @@ def test_full_model_state_splits_to_an_eighth_on_tensor_meshes(mesh_shape):
     assert 30 * 2**30 < total < 32 * 2**30 and per_device <= total / 8 * 1.005
 
 
-@pytest.mark.parametrize("topology", ["v5p:2x2x2", "v5p:4x4x4"])
-def test_full_model_compiles_ahead_of_time_for_tpu_pods(topology):
-    chips = int(np.prod([int(x) for x in topology.split(":")[1].split("x")]))
+def test_full_model_compiles_ahead_of_time_for_a_tpu_pod():
+    """64 chips on 16 hosts. (The same compile for 8 chips, v5p:2x2x2, took 70 s of the suite and checked no more.)"""
+    topology, chips = "v5p:4x4x4", 64
     out = _dry_run(["--topology", topology, f"--config.train.global_batch_size={chips * 2}"], devices=1)
     assert f"compiled for {chips} tpu devices" in out
 

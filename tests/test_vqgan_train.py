@@ -137,16 +137,22 @@ def test_dead_codes_restart_onto_batch_latents_when_enabled():
         batch_sh = trainer.batch_shardings(task, mesh, parallel.DEFAULT_RULES)
         batch = phantom_batch()
         chosen, restarted_total = set(), 0
+
+        @jax.jit
+        def latents_and_codes(state, images):
+            model = nnx.merge(graphdef, state).model
+            latents = model.encode_latents(images).reshape(-1, 32)
+            return latents, model.quantize.indices(latents)
+
         with jax.set_mesh(mesh):
             state = task.initial_state(shardings)
             step = trainer.compile_train_step(task, graphdef, shardings, batch_sh)
             for i in range(10):
                 before = np.asarray(state["model"]["quantize"]["embedding"].get_value())
                 state, metrics = step(state, trainer.to_global(batch, batch_sh))
-                model = nnx.merge(graphdef, state).model
-                latents = np.asarray(model.encode_latents(jnp.asarray(batch["images"]))).reshape(-1, 32)
-                chosen |= set(np.asarray(model.quantize.indices(jnp.asarray(latents))).tolist())
-                after = np.asarray(model.quantize.embedding.get_value())
+                latents, codes = map(np.asarray, latents_and_codes(state, jnp.asarray(batch["images"])))
+                chosen |= set(codes.tolist())
+                after = np.asarray(state["model"]["quantize"]["embedding"].get_value())
                 last_used = np.asarray(state["last_used"].get_value())
                 if restart and metrics["dead_codes"] > 0:
                     moved = np.flatnonzero(np.any(before != after, axis=1) & (last_used == i + 1))
