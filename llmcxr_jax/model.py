@@ -302,7 +302,12 @@ def rotary_tables(positions: jax.Array, rotary_dims: int, base: float) -> tuple[
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """GPT-NeoX partial rotary: rotate_half on the first `dims` channels of each head, pass the rest through."""
+    """GPT-NeoX partial rotary: rotate_half on the first `dims` channels of each head, pass the rest through.
+
+    Channels are cut with `jnp.split` (here and for q/k/v in `_block`): its gradient is one concatenate, where an
+    indexed slice's is a zero pad of the whole width, and XLA:GPU summed those pads inside the qkv bias
+    gradient's reduce at a seventh of the bandwidth (NOTES.md).
+    """
     dims = cos.shape[-1]
     rot, rest = jnp.split(x, [dims], axis=-1)
     rot = rot.astype(jnp.float32)
