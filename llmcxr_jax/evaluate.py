@@ -398,9 +398,14 @@ def run_mimic_protocol(selection: EvalSelection, make_sampler: Callable[[], Eval
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 def _sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What of `_load_sampler(args, step)` changes the outputs, recorded so a resumed run cannot switch models."""
+    """What of `_load_sampler(args, step)` changes the outputs, recorded so a resumed run cannot switch models.
+
+    `row_keys`: each row's random key folds in its position in the whole batch (one sampler call per batch since
+    2026-11-29; before, one call per instruction group numbered its own rows), so results written before that,
+    which lack the entry, are not continued with other draws at --batch_size > 1.
+    """
     return {"checkpoint": checkpoint_identity(args.checkpoint), "image_mode": args.image_mode,
-            "max_tries": args.max_tries}
+            "max_tries": args.max_tries, "row_keys": "position in the batch"}
 
 
 def _load_sampler(args: argparse.Namespace, step: int | None) -> EvalSampler:

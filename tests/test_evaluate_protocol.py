@@ -307,6 +307,7 @@ def _workdir_at_step(path, step):
     ("hf", "resave", "checkpoint.files: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"),
     ("hf", "move", "checkpoint.path: '.*ckpt' there, '.*moved' now"),
     ("workdir", "train_on", "checkpoint.step: 100 there, 200 now"),
+    ("hf", "written_before_row_keys", "row_keys: not recorded there, 'position in the batch' now"),
 ])
 def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, monkeypatch, capsys, kind, change,
                                                                 setting):
@@ -336,6 +337,11 @@ def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, 
         checkpoint = checkpoint.rename(tmp_path / "moved")
     elif change == "train_on":
         _workdir_at_step(checkpoint, 200)
+    elif change == "written_before_row_keys":  # a sidecar as evaluate wrote it before the one-call batches
+        sidecar = tmp_path / "out" / "llm-cxr__eval_results_0_1.json"
+        recorded = json.loads(sidecar.read_text())
+        del recorded["settings"]["row_keys"]
+        sidecar.write_text(json.dumps(recorded))
     with pytest.raises(SystemExit, match=f"^error: .*llm-cxr__eval_results_0_1.json: cannot resume .*{setting}"):
         run(checkpoint, *extra)
 
