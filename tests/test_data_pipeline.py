@@ -111,6 +111,21 @@ def test_state_round_trip_resumes_exactly(tok):
     assert (resumed.batches, resumed.dropped) == (straight.batches, straight.dropped)
 
 
+def test_an_epoch_of_examples_all_too_long_is_an_error_not_an_endless_loop(tok):
+    """Every example at or over max_length: the endless stream would drop them forever and never yield a batch."""
+    it = make_lm_iterator({"mimic": mimic(5), "dolly": dolly(3)}, tok, global_batch_size=2, process_index=0,
+                          process_count=1, lengths=(8,), max_length=8)
+    assert it.batches_per_epoch * 2 == 12  # the mix's epoch: 13 examples (the Dolly records repeat), 6 batches
+    with pytest.raises(ValueError, match=r"^26 examples in a row \(two epochs.*\) had >= data.max_length=8 tokens"):
+        next(it)
+    assert it.dropped == 26
+    # one example short enough (27 tokens; the others have 31 to 62) is enough to go on, epoch after epoch
+    it = make_lm_iterator({"mimic": mimic(5), "dolly": dolly(3) + [{"instruction": "Hi", "context": "",
+                                                                    "response": "."}]},
+                          tok, global_batch_size=2, process_index=0, process_count=1, lengths=(28,), max_length=28)
+    assert [b["input_ids"].shape for b in take(it, 20)] == [(2, 28)] * 20 and it.dropped > 20 * 2
+
+
 def test_same_record_gives_the_same_tokens_every_epoch(tok):
     it = make_lm_iterator({"mimic": mimic(8)}, tok, global_batch_size=2, process_index=0, process_count=1,
                           lengths=LENGTHS)

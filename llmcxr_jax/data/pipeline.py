@@ -52,16 +52,20 @@ class LmIterator(grain.DatasetIterator):
 
     State: the example iterator's Grain state, the number of batches given out and of examples dropped for
     length. `pad_rows` (eval) fills the last batches with padding rows up to `num_batches` and adds `num_real`.
+    `epoch_examples` (training's endless stream): dropping twice that many in a row (so one whole reshuffled
+    epoch) means every example is too long, which would otherwise loop forever without a step, and so without
+    reaching a SIGTERM's checkpoint.
     """
 
     def __init__(self, examples: grain.DatasetIterator, *, batch_size: int, lengths: tuple[int, ...],
                  max_length: int, pad_id: int, num_batches: int | None, batches_per_epoch: int, pad_rows: bool,
-                 agree_width: Callable[[int], int] | None):
+                 agree_width: Callable[[int], int] | None, epoch_examples: int | None = None):
         super().__init__(examples)
         self.batch_size, self.lengths, self.max_length, self.pad_id = batch_size, lengths, max_length, pad_id
         self.agree_width = agree_width
         self.num_batches, self.batches_per_epoch, self.pad_rows = num_batches, batches_per_epoch, pad_rows
         self.batches, self.dropped = 0, 0
+        self.epoch_examples, self._dropped_in_a_row = epoch_examples, 0
 
     def __next__(self) -> dict:
         if self.num_batches is not None and self.batches >= self.num_batches:
@@ -76,7 +80,13 @@ class LmIterator(grain.DatasetIterator):
                 break
             if len(example.input_ids) >= self.max_length:
                 self.dropped += 1
+                self._dropped_in_a_row += 1
+                if self.epoch_examples is not None and self._dropped_in_a_row == 2 * self.epoch_examples:
+                    raise ValueError(f"{self._dropped_in_a_row} examples in a row (two epochs of this process's "
+                                     f"share) had >= data.max_length={self.max_length} tokens, so no batch can be "
+                                     "made; raise data.max_length or check the data and tokenizer")
                 continue
+            self._dropped_in_a_row = 0
             rows.append(example)
         width = bucket_for(max((len(e.input_ids) for e in rows), default=1), self.lengths)
         if self.agree_width is not None:
@@ -161,7 +171,8 @@ def make_lm_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrToken
     stream = mixed.shuffle(_seed(seed, 2)).repeat().to_iter_dataset(IN_CALLING_THREAD)
     return LmIterator(iter(stream), batch_size=batch_size, lengths=lengths, max_length=max_length,
                       pad_id=tokenizer.pad_id, num_batches=None if num_epochs is None else num_epochs * per_epoch,
-                      batches_per_epoch=per_epoch, pad_rows=False, agree_width=_width_agreement(count))
+                      batches_per_epoch=per_epoch, pad_rows=False, agree_width=_width_agreement(count),
+                      epoch_examples=len(mixed))
 
 
 def make_eval_iterator(sources: Mapping[str, RecordSource], tokenizer: LlmCxrTokenizer, *, global_batch_size: int,
