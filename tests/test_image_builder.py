@@ -196,8 +196,10 @@ def test_build_cli_names_a_missing_manual_dir_and_why_no_image_was_usable(tmp_pa
     with pytest.raises(SystemExit, match=r"^error: --manual_dir .*absent: no such directory"):
         build.main(["images", "--manual_dir", str(tmp_path / "absent"), "--data_dir", str(tmp_path / "tfds")])
     (tmp_path / "images").mkdir()
-    for kind in ("images", "dolly", "mimic"):
-        with pytest.raises(SystemExit, match=r"^error: --manual_dir .*images is empty; "):
+    for kind, needed in (("images", "JPG, PNG or DICOM"), ("dolly", "databricks-dolly-15k.jsonl"),
+                         ("mimic", "mimic-cxr-2.0.0-split.csv")):  # what to put there, from the builder's text
+        with pytest.raises(SystemExit, match=rf"^error: --manual_dir .*images is empty; {kind} is built from local "
+                                             rf"files in it:\n(.|\n)*{needed}"):
             build.main([kind, "--manual_dir", str(tmp_path / "images"), "--data_dir", str(tmp_path / "tfds")])
     for i in range(2):
         Image.fromarray(_gradient(40, 40, i)).save(tmp_path / "images" / f"img{i}.png")

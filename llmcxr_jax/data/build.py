@@ -28,16 +28,15 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
     import importlib
 
     module, cls_name, _ = BUILDERS[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    what = f"{kind} is built from local files in it:\n{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
     if kind != "phantoms" and not (manual_dir and Path(manual_dir).is_dir()):
-        raise FileNotFoundError(f"--manual_dir {manual_dir}: no such directory; {kind} is built from local files "
-                                "(python -m llmcxr_jax.data.build --help)" if manual_dir else
-                                f"--manual_dir is required: {kind} is built from local files")
+        raise FileNotFoundError(f"--manual_dir {manual_dir}: no such directory; {what}" if manual_dir else
+                                f"--manual_dir is required: {what}")
     if kind != "phantoms" and not any(Path(manual_dir).iterdir()):  # TFDS would assert with a traceback
-        raise FileNotFoundError(f"--manual_dir {manual_dir} is empty; {kind} is built from local files put there "
-                                "(python -m llmcxr_jax.data.build --help)")
+        raise FileNotFoundError(f"--manual_dir {manual_dir} is empty; {what}")
     if not data_dir or (Path(data_dir).exists() and not Path(data_dir).is_dir()):
         raise ValueError(f"--data_dir {data_dir!r}: give a directory (new or holding other datasets)")
-    cls = getattr(importlib.import_module(module), cls_name)
     known = [c.name for c in cls.BUILDER_CONFIGS]
     if unknown := [name for name in configs if name is not None and name not in known]:
         raise ValueError(f"{kind} has no config {', '.join(unknown)}; its configs are {', '.join(known) or 'none'}")
