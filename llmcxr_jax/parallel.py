@@ -199,6 +199,8 @@ def initialize(cfg: Any) -> None:
         return
     if jax.config.jax_platforms in ("cpu",) or str(jax.config.jax_platforms).startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if int(cfg.timeout_s) < 1:  # JAX would wait for the other processes forever
+        raise ValueError(f"distributed.timeout_s={cfg.timeout_s} must be at least 1 (seconds)")
     kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.timeout_s)}
     if explicit:
         kwargs.update(coordinator_address=address, num_processes=int(cfg.num_processes),

@@ -162,6 +162,9 @@ def total_steps(config: Any, steps_per_epoch: int | None) -> int:
         return config.train.num_steps
     if steps_per_epoch is None:
         raise ValueError("train.num_steps must be set when the data source has no epoch length")
+    if config.train.num_epochs < 1:  # would train nothing and exit 0, leaving no checkpoint for stage 2
+        raise ValueError(f"train.num_steps={config.train.num_steps} and train.num_epochs={config.train.num_epochs}: "
+                         "nothing to train; set num_steps > 0 or num_epochs >= 1")
     return config.train.num_epochs * steps_per_epoch
 
 

@@ -238,3 +238,17 @@ def test_reads_tfds_data_sources(tok, tmp_path):
     assert all(any(report in text for text in texts) for report in reports)  # every image, recycled
     assert all(any(report in text for report in reports) for text in texts)
     assert abs(len(images) / len(rows) - 0.8) < 0.01
+
+
+def test_weights_whose_mixing_period_is_huge_are_refused_not_built(tok):
+    """Three groups of unrelated denominators gave a 413,604,637-example period: minutes and gigabytes of a Python
+    loop before the first batch."""
+    vqa = [{"question": "Any effusion?", "answer": "No.", "codes": np.arange(4, dtype=np.int16)}] * 8
+    sources = {"mimic": mimic(8), "vqa": vqa, "dolly": dolly(8)}
+    with pytest.raises(ValueError, match=r"mixing weights \[0.8, 0.1, 0.101\]: .* period of 413,604,637 examples "
+                                         r"\(at most 1,000,000\); round the weights, e.g. to \[0.8, 0.1, 0.1\]"):
+        make_lm_iterator(sources, tok, global_batch_size=4, process_index=0, process_count=1,
+                         weights={"mimic": 0.8, "vqa": 0.1, "dolly": 0.101})
+    it = make_lm_iterator(sources, tok, global_batch_size=4, process_index=0, process_count=1,
+                          weights={"mimic": 0.8, "vqa": 0.1, "dolly": 0.1})  # a period of 10
+    assert next(it)["input_ids"].shape[0] == 4

@@ -18,7 +18,9 @@ from vqgan_flax.codes import CodesMeta, CodesWriter
 @pytest.mark.parametrize("args,message", [(["--stage2_steps", "0"], "--stage2_steps 0: must be at least 1"),
                                           (["--num_train", "0", "--lm_batch", "-1"],
                                            "--num_train 0, --lm_batch -1: must be at least 1"),
-                                          (["--out", "{file}"], "--out {file} exists and is not a directory")])
+                                          (["--out", "{file}"], "--out {file} exists and is not a directory"),
+                                          (["--num_train", "3", "--num_test", "5"],
+                                           "--num_test 5 exceeds --num_train 3")])
 def test_demo_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, args, message):
     from llmcxr_jax.demo.__main__ import parse_args
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -328,3 +329,12 @@ def test_missing_peers_are_explained(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "not every process arrived" in out.stderr and "same coordinator address" in out.stderr
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1])
+def test_a_start_up_timeout_below_one_second_is_refused_not_waited_on_forever(timeout_s):
+    """JAX takes a timeout <= 0 as no timeout: a process whose peers never come would wait without end."""
+    with pytest.raises(ValueError, match=f"distributed.timeout_s={timeout_s} must be at least 1"):
+        parallel.initialize(types.SimpleNamespace(coordinator_address=_local_address(), num_processes=2,
+                                                  process_id=0, local_device_ids="", timeout_s=timeout_s))
+    assert not jax.distributed.is_initialized()

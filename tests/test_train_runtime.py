@@ -572,3 +572,16 @@ def test_config_sections_name_fields_their_dataclass_lacks():
     vq.loss.disc_wieght = 0.5
     with pytest.raises(ValueError, match=r"config.loss has unknown fields \['disc_wieght'\]; known: \[.*'disc_weight'"):
         vqgan_task.loss_config_from(vq)
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_no_steps_and_no_epochs_is_refused_rather_than_a_run_that_trains_nothing(epochs):
+    """It used to exit 0 with an empty checkpoints/, which stage 2 then could not start from."""
+    from llmcxr_jax import train
+
+    config = load_config("stage1")
+    config.train.update(num_steps=0, num_epochs=epochs)
+    with pytest.raises(ValueError, match=f"train.num_steps=0 and train.num_epochs={epochs}: nothing to train"):
+        train.total_steps(config, steps_per_epoch=10)
+    config.train.num_epochs = 2
+    assert train.total_steps(config, steps_per_epoch=10) == 20

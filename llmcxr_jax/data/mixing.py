@@ -20,6 +20,9 @@ import grain
 import numpy as np
 
 
+MAX_PERIOD = 1_000_000  # one period of the interleave is built in Python and held in memory
+
+
 def integer_proportions(weights: Sequence[float], max_denominator: int = 1000) -> tuple[int, ...]:
     """Smallest integers in the ratio of `weights` (each weight rounded to a fraction with denominator <= 1000)."""
     if not weights or any(not w > 0 for w in weights):
@@ -31,7 +34,12 @@ def integer_proportions(weights: Sequence[float], max_denominator: int = 1000) -
     scale = math.lcm(*(f.denominator for f in fracs))
     ints = [int(f * scale) for f in fracs]
     common = math.gcd(*ints)
-    return tuple(i // common for i in ints)
+    proportions = tuple(i // common for i in ints)
+    if sum(proportions) > MAX_PERIOD:  # three or more groups of unrelated denominators; two stay <= 1,000
+        raise ValueError(f"mixing weights {list(weights)}: in integers {proportions}, a mixing period of "
+                         f"{sum(proportions):,} examples (at most {MAX_PERIOD:,}); round the weights, e.g. to "
+                         f"{[round(w / total, 2) for w in weights]}")
+    return proportions
 
 
 def _round_robin(proportions: Sequence[int]) -> np.ndarray:

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     counts = ("num_train", "num_test", "vqgan_steps", "stage1_steps", "stage2_steps", "lm_batch", "tokenizer_vocab")
     if bad := [f"--{name} {getattr(args, name)}" for name in counts if getattr(args, name) < 1]:
         parser.error(f"{', '.join(bad)}: must be at least 1")
+    if args.num_test > args.num_train:  # the image baseline draws num_test distinct training phantoms
+        parser.error(f"--num_test {args.num_test} exceeds --num_train {args.num_train}")
     try:
         check_output_dir(args.out)
     except NotADirectoryError as err:
