@@ -88,6 +88,13 @@ def test_micro_batches_must_split_the_batch_over_the_mesh():
     config.train.micro_batches, config.optim.base_lr = 1, -1.0  # would train to divergence and export that
     with pytest.raises(ValueError, match=r"optim.base_lr=-1.0 must be > 0"):
         train_vqgan.check_config(config, mesh_of((1, 1, 1)))
+    config.optim.base_lr = 1e-4
+    for key in ("eval_batches", "preview_images"):  # -1 evaluated all but the last batch, or stacked nothing
+        config.data[key] = -1
+        with pytest.raises(ValueError, match=rf"data.{key}=-1 must be >= 0"):
+            train_vqgan.check_config(config, mesh_of((1, 1, 1)))
+        config.data[key] = 0
+    train_vqgan.check_config(config, mesh_of((1, 1, 1)))
 
 
 def test_dry_run_compiles_accumulation_ahead_of_time_for_a_tpu_pod():

@@ -301,6 +301,9 @@ def test_cli_bad_output_or_batch_size_is_one_error_line(vqgan_dir, tmp_path):
         encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "afile"), str(image)])
     with pytest.raises(SystemExit, match=r"^error: batch_size must be at least 1, got 0"):
         encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "codes"), "--batch_size", "0", str(image)])
+    with pytest.raises(SystemExit, match=r"^error: --shard_size 0, --workers -1: must be at least 1$"):
+        encode_cli.main(["--vqgan", str(vqgan_dir), "--out", str(tmp_path / "codes"), "--shard_size", "0",
+                         "--workers", "-1", str(image)])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "scan.tif").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"^error: .*empty: no image files \(.jpg .jpeg .png .dcm .dicom\) in this "):

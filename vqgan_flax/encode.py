@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=8, help="threads reading and resizing images")
     parser.add_argument("inputs", nargs="+", help="image files (.jpg .png .dcm) or directories searched recursively")
     args = parser.parse_args(argv)
+    if bad := [f"--{name} {getattr(args, name)}" for name in ("shard_size", "workers") if getattr(args, name) < 1]:
+        raise SystemExit(f"error: {', '.join(bad)}: must be at least 1")
     try:
         images = find_images(args.inputs)
         check_output_dir(args.out)
