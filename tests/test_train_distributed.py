@@ -338,3 +338,11 @@ def test_a_start_up_timeout_below_one_second_is_refused_not_waited_on_forever(ti
         parallel.initialize(types.SimpleNamespace(coordinator_address=_local_address(), num_processes=2,
                                                   process_id=0, local_device_ids="", timeout_s=timeout_s))
     assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("processes,pid", [(0, 0), (2, 2), (2, -1)])
+def test_a_process_id_outside_the_process_count_is_refused_before_joining(processes, pid):
+    with pytest.raises(ValueError, match=rf"distributed.process_id={pid} must be in \[0, num_processes={processes}\)"):
+        parallel.initialize(types.SimpleNamespace(coordinator_address=_local_address(), num_processes=processes,
+                                                  process_id=pid, local_device_ids="", timeout_s=5))
+    assert not jax.distributed.is_initialized()
