@@ -197,13 +197,13 @@ def initialize(cfg: Any) -> None:
         where = f"the {cluster} environment"
     else:
         return
-    if jax.config.jax_platforms in ("cpu",) or str(jax.config.jax_platforms).startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if int(cfg.timeout_s) < 1:  # JAX would wait for the other processes forever
         raise ValueError(f"distributed.timeout_s={cfg.timeout_s} must be at least 1 (seconds)")
     if explicit and not 0 <= int(cfg.process_id) < int(cfg.num_processes):  # JAX: a traceback under our hint
         raise ValueError(f"distributed.process_id={cfg.process_id} must be in [0, num_processes="
                          f"{cfg.num_processes})")
+    if jax.config.jax_platforms in ("cpu",) or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.timeout_s)}
     if explicit:
         kwargs.update(coordinator_address=address, num_processes=int(cfg.num_processes),

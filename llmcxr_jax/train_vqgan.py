@@ -28,9 +28,9 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         raise ValueError("train.num_steps must be > 0 (VQ-GAN training runs for a number of steps)")
     if not config.optim.base_lr > 0:
         raise ValueError(f"optim.base_lr={config.optim.base_lr} must be > 0")
-    for key in ("eval_batches", "preview_images"):  # -1 sliced batches off the end, or stacked nothing
+    for key, zero in (("eval_batches", "all"), ("preview_images", "none")):  # -1: all but 8 images, or a crash
         if config.data[key] < 0:
-            raise ValueError(f"data.{key}={config.data[key]} must be >= 0 (eval_batches 0 = all)")
+            raise ValueError(f"data.{key}={config.data[key]} must be >= 0 (0 = {zero})")
 
 
 def image_sources(config: Any) -> tuple[Any, Any]:
