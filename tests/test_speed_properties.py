@@ -2,6 +2,7 @@
 compiled step, donated state, bf16 matmuls forward and backward, image-only logits when decoding codes.
 (The fused cuDNN attention call is checked by bench/ on a GPU.)"""
 
+import math
 import re
 from collections import Counter
 
@@ -53,10 +54,11 @@ def test_chunked_statistics_and_gradients_equal_the_full_ones():
 
 def _compiled_step_text(chunk: int, vocab: int, B: int, T: int, dtype: str = "float32", compile: bool = True,
                         debug_info: bool = False, mesh_shape: tuple[int, int, int] = (1, 1, 1),
-                        topology: str = "", vocab_multiple: int = 128) -> str:
-    """The train step of configs/stage1.py:tiny, compiled for this host's devices or for `topology`'s (h100:8)."""
+                        topology: str = "", vocab_multiple: int = 128, **model) -> str:
+    """The train step of configs/stage1.py:tiny (with `model`'s changes), compiled for this host's devices or for
+    `topology`'s (h100:8)."""
     config = load_config("stage1")
-    config.model.update(vocab_size=vocab, dtype=dtype, vocab_multiple=vocab_multiple)
+    config.model.update(vocab_size=vocab, dtype=dtype, vocab_multiple=vocab_multiple, **model)
     config.train.update(loss_chunk=chunk, global_batch_size=B)
     mesh = parallel.make_mesh(mesh_shape, devices=aot.topology_devices(topology)) if topology else mesh_of(mesh_shape)
     shapes = {"input_ids": ((B, T), jnp.int32), "loss_weights": ((B, T), jnp.float32)}
@@ -117,6 +119,35 @@ def test_the_lm_head_splits_its_columns_over_a_tensor_axis():
     head_columns, collectives = compiled(128)
     assert "512" in head_columns and not head_columns & {"4001", "4096"}, head_columns  # (64: the input's gradient)
     assert collectives and not [c for c in collectives if re.search(r"\b(4096|4001)\b", c)], collectives
+
+
+def _collective_elements(text: str) -> Counter:
+    """Elements each kind of collective carries in compiled HLO text, summed over its instructions."""
+    moved = Counter()
+    for shapes, kind in re.findall(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                                   r"(?:-start)?\(", text):
+        moved[kind] += sum(math.prod(map(int, filter(None, dims.split(","))))
+                           for dims in re.findall(r"[a-z]\w*\[([\d,]*)\]", shapes))
+    return moved
+
+
+@pytest.mark.parametrize("topology", ["", "h100:8"], ids=["cpu", "h100"])
+def test_a_tensor_axis_splits_each_layer_as_megatron_does(topology):
+    """On (1, 1, 8) each layer's heads and MLP columns stay on their devices: a layer adds four all-reduces of the
+    (tokens, hidden) activations to the step (its attention and MLP outputs, forward and backward) and moves no
+    weight or gradient. Measured as the difference between 3 and 2 unrolled layers, so that the embedding's and
+    the loss's collectives cancel; XLA:GPU combines the all-reduces into flat buffers, hence element counts."""
+    B, T, hidden = 8, 48, 128
+
+    def moved(layers: int) -> Counter:
+        with jax.default_matmul_precision("default"):
+            return _collective_elements(_compiled_step_text(
+                8, 4001, B, T, dtype="bfloat16", mesh_shape=(1, 1, 8), topology=topology, hidden_size=hidden,
+                num_attention_heads=8, intermediate_size=768, num_hidden_layers=layers, scan_layers=False))
+
+    two, three = moved(2), moved(3)
+    per_layer = {kind: three[kind] - two[kind] for kind in two | three if three[kind] != two[kind]}
+    assert per_layer == {"all-reduce": 4 * B * T * hidden}, per_layer
 
 
 def _dot_sources(text: str) -> list[tuple[str, str]]:
