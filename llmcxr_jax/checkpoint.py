@@ -22,7 +22,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from llmcxr_jax import parallel
+from llmcxr_jax import array_checksums, parallel
 from llmcxr_jax.lm_checkpoint import checkpoint_kind
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig
 from vqgan_flax.atomic import write_atomic
@@ -86,14 +86,16 @@ def config_from_metadata(meta: dict[str, Any], source: str, **runtime: Any) -> G
 
 
 def save_model(model: GPTNeoX, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> None:
-    """Write `params/` and `meta.json`. Orbax commits `params/` atomically; meta.json is written last."""
+    """Write `params/` and `meta.json` (with the parameters' checksums). Orbax commits `params/` atomically;
+    meta.json is written last."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=True)
         ckptr.wait_until_finished()
-    write_json_atomic(directory / "meta.json", model_metadata(model.config, extra_metadata))
+    checksums = {"checksums": array_checksums.tree_checksums(params)}
+    write_json_atomic(directory / "meta.json", model_metadata(model.config, {**(extra_metadata or {}), **checksums}))
 
 
 def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -123,8 +125,18 @@ def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.shar
                 raise ValueError(f"{params_dir}: parameters do not match the model config in meta.json "
                                  f"({'; '.join(differences)})")
             params = ckptr.restore(params_dir, target)
+        if changed := array_checksums.mismatches(params, meta.get("checksums", {})):
+            raise DamagedCheckpointError(f"{params_dir}: {_listed(changed)} differ from what was saved (the "
+                                         "checksums in meta.json): its files were changed or damaged on disk; "
+                                         "convert or copy the checkpoint again")
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    """'a, b, c and 4 more arrays' for error messages."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{', '.join(names[:limit])}{more} ({len(names)} array{'s' if len(names) > 1 else ''})"
 
 
 def _shape_differences(stored: Any, target: Any, limit: int = 3) -> list[str]:
@@ -189,10 +201,15 @@ def _damage(error: BaseException) -> str | None:
     """The first line of what says a checkpoint's files are damaged, anywhere in `error`'s chain; else None."""
     while error is not None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        if isinstance(error, (json.JSONDecodeError, FileNotFoundError)) or first.startswith(_DAMAGE_CODES):
+        if (isinstance(error, (json.JSONDecodeError, FileNotFoundError)) or first.startswith(_DAMAGE_CODES)
+                or "Data corruption detected" in first):  # zstd's words for a frame that does not decode
             return first
         error = error.__cause__
     return None
+
+
+def _without_checksums(meta: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in meta.items() if key != "checksums"}
 
 
 class ProcessJsonHandler(ocp.CheckpointHandler):
@@ -286,6 +303,8 @@ class TrainCheckpoints:
         return any(n > 0 and step % n == 0 for n in (self.every, self.epoch_every))
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Save asynchronously; `meta` gets the checksums of `state`'s arrays, which every restore compares."""
+        meta = {**meta, "checksums": array_checksums.tree_checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         if not self._manager.save(step, args=args, force=True):
@@ -295,16 +314,27 @@ class TrainCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ProcessJsonRestore(),
                                   meta=ocp.args.JsonRestore())
         restored = self._read(step, args)
-        return restored.state, restored.data, restored.meta
+        self._check_values(step, restored)
+        return restored.state, restored.data, _without_checksums(restored.meta)
 
     def restore_subtree(self, step: int, target: Any) -> Any:
         """Restore only the part of `state` that `target` names (e.g. the model without optimizer moments)."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        return self._read(step, ocp.args.Composite(state=args)).state
+        restored = self._read(step, ocp.args.Composite(state=args, meta=ocp.args.JsonRestore()))
+        self._check_values(step, restored)
+        return restored.state
+
+    def _check_values(self, step: int, restored: Any) -> None:
+        """Compare the restored arrays with the checksums saved beside them (checkpoints written before
+        2026-11-29 have none)."""
+        if changed := array_checksums.mismatches(restored.state, restored.meta.get("checksums", {})):
+            raise self._damaged(step, f"{_listed(changed)} differ from what was saved: the files were changed "
+                                      "or damaged on disk")
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        return self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        """The `meta` that `save` was given."""
+        return _without_checksums(self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
     def _read(self, step: int, args: ocp.args.Composite) -> Any:
         """Orbax's restore, with a checkpoint whose files are damaged (truncated, corrupted, deleted) as one error
@@ -315,11 +345,14 @@ class TrainCheckpoints:
         except Exception as e:
             if (reason := _damage(e)) is None:
                 raise
-            earlier = [s for s in self.all_steps() if s < step]
-            way_on = (f"resume from step {earlier[-1]}" if earlier else "start again")
-            raise DamagedCheckpointError(
-                f"{self.directory / str(step)}: damaged or incomplete, cannot be read ({reason}); move it aside "
-                f"(mv {self.directory / str(step)} {self.directory}/damaged-{step}) to {way_on}") from e
+            raise self._damaged(step, f"damaged or incomplete, cannot be read ({reason})") from e
+
+    def _damaged(self, step: int, what: str) -> DamagedCheckpointError:
+        """The error for a step whose files are damaged: what is wrong, and how to go on without it."""
+        earlier = [s for s in self.all_steps() if s < step]
+        way_on = (f"resume from step {earlier[-1]}" if earlier else "start again")
+        return DamagedCheckpointError(f"{self.directory / str(step)}: {what}; move it aside "
+                                      f"(mv {self.directory / str(step)} {self.directory}/damaged-{step}) to {way_on}")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

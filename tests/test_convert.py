@@ -365,3 +365,15 @@ def test_hf_config_values_of_the_wrong_kind_are_named(tmp_path, change, message)
     (path / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(ValueError, match=rf"hf/config.json: {message}"):
         load_hf_model(path)
+
+
+def test_a_checkpoint_whose_parameters_were_replaced_is_refused(tmp_path):
+    """meta.json records each parameter's checksum: another model's `params/` in its place decodes but is refused."""
+    for name, seed in (("ckpt", 0), ("other", 1)):
+        convert.main(["hf-to-orbax", str(save_hf(tiny_hf_model(seed), tmp_path / f"hf{seed}")), str(tmp_path / name)])
+    shutil.rmtree(tmp_path / "ckpt" / "params")
+    shutil.copytree(tmp_path / "other" / "params", tmp_path / "ckpt" / "params")
+    with pytest.raises(SystemExit, match=r"^error: \S*ckpt/params: \S+, \S+, \S+ and \d+ more \(\d+ arrays\) differ "
+                                         r"from what was saved \(the checksums in meta.json\)"):
+        convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")])
+    assert checkpoint.load_model(tmp_path / "other").config.hidden_size == 32

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -510,6 +511,57 @@ def test_a_damaged_checkpoint_is_named_with_the_way_on(tmp_path, damage, reason)
     (checkpoints / "2").rename(checkpoints / "damaged-2")  # as the message says
     run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
     assert checkpoint.TrainCheckpoints(tmp_path / "w", read_only=True).latest_step() == 3
+
+
+def _restore_latest(workdir, config):
+    """The whole train state of `workdir`'s latest step, restored as a resumed run restores it."""
+    mesh = mesh_of((1, 1, 1))
+    _, abstract, shardings = trainer.state_shardings(tiny_task(config, mesh, 1), mesh, parallel.DEFAULT_RULES)
+    target = parallel.abstract_arrays(nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+    ckpts = checkpoint.TrainCheckpoints(workdir, read_only=True)
+    try:
+        return ckpts.restore(ckpts.latest_step(), target)
+    finally:
+        ckpts.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_bit_flips_in_a_checkpoint_never_restore_silently(tmp_path):
+    """Orbax's zstd frames carry no checksum, so most bits flipped in an array file decode to other values: each
+    flip is either unreadable or caught by the checksums saved with the step, which name the arrays."""
+    config = load_config("stage1")
+    run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 1)
+    largest = max((p for p in (tmp_path / "w/checkpoints/1/state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    intact = largest.read_bytes()
+    outcomes = []
+    for offset in range(len(intact) // 16, len(intact), len(intact) // 8):
+        flipped = bytearray(intact)
+        flipped[offset] ^= 0x04
+        largest.write_bytes(bytes(flipped))
+        with pytest.raises(checkpoint.DamagedCheckpointError) as refused:
+            _restore_latest(tmp_path / "w", config)
+        message = str(refused.value)
+        outcomes.append("caught" if re.search(r": \S+ \(1 array\) differ from what was saved", message) else
+                        "unreadable" if "cannot be read" in message else message)
+    assert set(outcomes) <= {"caught", "unreadable"} and "caught" in outcomes, outcomes
+    largest.write_bytes(intact)
+    state, _, meta = _restore_latest(tmp_path / "w", config)  # intact again: restored, the checksums kept apart
+    assert "checksums" not in meta and meta["stage"] == 1 and set(state) == {"model", "optimizer"}
+
+
+def test_a_step_whose_arrays_were_replaced_is_refused_by_name(tmp_path):
+    """Another step's files in this step's place (a mixed-up copy): every array decodes, none is what was saved."""
+    config = load_config("stage1")
+    config.train.update(checkpoint_every=1, keep_checkpoints=2)
+    run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 2)
+    checkpoints = tmp_path / "w" / "checkpoints"
+    shutil.rmtree(checkpoints / "2" / "state")
+    shutil.copytree(checkpoints / "1" / "state", checkpoints / "2" / "state")
+    with pytest.raises(checkpoint.DamagedCheckpointError,
+                       match=rf"^{checkpoints / '2'}: \S+, \S+, \S+ and \d+ more \(\d+ arrays\) differ from what was "
+                             rf"saved: the files were changed or damaged on disk; move it aside .* resume from step 1$"):
+        run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
 
 
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"),
