@@ -12,6 +12,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,10 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint's files cannot be read; the message names the step's directory and how to go on."""
 
 
-# TensorStore's status codes for bytes that are missing or do not decode (its errors reach us as their text)
+# TensorStore's status codes for bytes that are missing or do not decode (its errors reach us as their text);
+# an array chunk whose zstd frame no longer decodes is a FAILED_PRECONDITION naming zstd's decoder.
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+_UNDECODABLE = re.compile(r"FAILED_PRECONDITION: .*\bzstd", re.IGNORECASE)
 
 
 def _damage(error: BaseException) -> str | None:
@@ -202,7 +205,7 @@ def _damage(error: BaseException) -> str | None:
     while error is not None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         if (isinstance(error, (json.JSONDecodeError, FileNotFoundError)) or first.startswith(_DAMAGE_CODES)
-                or "Data corruption detected" in first):  # zstd's words for a frame that does not decode
+                or _UNDECODABLE.match(first)):
             return first
         error = error.__cause__
     return None

@@ -484,9 +484,21 @@ def test_resuming_a_workdir_with_another_model_is_a_clear_error(tmp_path, monkey
     assert len(closed) == 1  # the refused run's checkpoint manager: no Orbax threads left running
 
 
+def _largest_array_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
 def _truncate_largest_array_file(step_dir):
-    largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest = _largest_array_file(step_dir)
     largest.write_bytes(largest.read_bytes()[:1000])
+
+
+def _flip_first_byte_of_largest_array_file(step_dir):
+    """The first byte of a zstd frame: the array's chunk no longer decodes."""
+    largest = _largest_array_file(step_dir)
+    data = bytearray(largest.read_bytes())
+    data[0] ^= 0x04
+    largest.write_bytes(bytes(data))
 
 
 # Orbax reads a step's arrays concurrently: when one file is damaged, the reads still in flight are abandoned and
@@ -494,6 +506,7 @@ def _truncate_largest_array_file(step_dir):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage,reason", [
     (_truncate_largest_array_file, r"OUT_OF_RANGE: .* is not valid for value of size 1000"),
+    (_flip_first_byte_of_largest_array_file, r"FAILED_PRECONDITION: .* ZSTD_decompressStream\(\) failed"),
     (lambda step_dir: (step_dir / "state" / "_METADATA").write_text(""), r"Expecting value"),
     (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").write_text("{bad"), r"Expecting property name"),
     (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").unlink(), r".*/process_0-of-1.json: missing \(the checkpoint holds the data states \[\]\)"),
@@ -531,8 +544,7 @@ def test_bit_flips_in_a_checkpoint_never_restore_silently(tmp_path):
     flip is either unreadable or caught by the checksums saved with the step, which name the arrays."""
     config = load_config("stage1")
     run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 1)
-    largest = max((p for p in (tmp_path / "w/checkpoints/1/state").rglob("*") if p.is_file()),
-                  key=lambda p: p.stat().st_size)
+    largest = _largest_array_file(tmp_path / "w/checkpoints/1")
     intact = largest.read_bytes()
     outcomes = []
     for offset in range(len(intact) // 16, len(intact), len(intact) // 8):
