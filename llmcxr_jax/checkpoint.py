@@ -25,7 +25,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 
 from llmcxr_jax import array_checksums, parallel
 from llmcxr_jax.lm_checkpoint import checkpoint_kind
-from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig
+from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, resolve_dtype
 from vqgan_flax.atomic import write_atomic
 from vqgan_flax.json_object import read_json_object
 
@@ -103,12 +103,15 @@ def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.shar
                rules: parallel.Rules = parallel.DEFAULT_RULES, **runtime: Any) -> GPTNeoX:
     """Restore a model checkpoint, or `step` (default: the latest) of a training workdir (parameters only).
 
-    `runtime` overrides config fields such as dtype or attention_impl.
+    `runtime` overrides config fields such as dtype or attention_impl. A `param_dtype` other than the saved one
+    is cast to after the read, once the parameters have been compared with their checksums.
     """
     directory = Path(directory).absolute()
     meta, source, step = latest_metadata(directory, step)
     cfg = config_from_metadata(meta, source, **runtime)
-    graphdef, state, target = _abstract_params(cfg, mesh, rules)
+    graphdef, state, _ = _abstract_params(cfg, mesh, rules)
+    saved_dtype = meta["model_config"].get("param_dtype", cfg.param_dtype)
+    _, _, target = _abstract_params(cfg.replace(param_dtype=saved_dtype), mesh, rules)
     if step is not None:
         ckpts = TrainCheckpoints(directory, read_only=True)
         try:
@@ -130,7 +133,8 @@ def load_model(directory: str | Path, *, step: int | None = None, mesh: jax.shar
             raise DamagedCheckpointError(f"{params_dir}: {_listed(changed)} differ from what was saved (the "
                                          "checksums in meta.json): its files were changed or damaged on disk; "
                                          "convert or copy the checkpoint again")
-    nnx.replace_by_pure_dict(state, params)
+    param_dtype = resolve_dtype(cfg.param_dtype)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(param_dtype), params))
     return nnx.merge(graphdef, state)
 
 

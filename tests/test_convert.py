@@ -376,4 +376,6 @@ def test_a_checkpoint_whose_parameters_were_replaced_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: \S*ckpt/params: \S+, \S+, \S+ and \d+ more \(\d+ arrays\) differ "
                                          r"from what was saved \(the checksums in meta.json\)"):
         convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")])
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=r"differ from what was saved"):  # read as saved,
+        checkpoint.load_model(tmp_path / "ckpt", dtype="bfloat16", param_dtype="bfloat16")  # compared, then cast
     assert checkpoint.load_model(tmp_path / "other").config.hidden_size == 32

@@ -574,6 +574,10 @@ def test_a_step_whose_arrays_were_replaced_is_refused_by_name(tmp_path):
                        match=rf"^{checkpoints / '2'}: \S+, \S+, \S+ and \d+ more \(\d+ arrays\) differ from what was "
                              rf"saved: the files were changed or damaged on disk; move it aside .* resume from step 1$"):
         run_steps(config, mesh_of((1, 1, 1)), tmp_path / "w", 3)
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=r"differ from what was saved"):  # as a sampler in
+        checkpoint.load_model(tmp_path / "w", dtype="bfloat16", param_dtype="bfloat16")  # bf16 reads the weights
+    bf16 = checkpoint.load_model(tmp_path / "w", step=1, dtype="bfloat16", param_dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype("bfloat16")}
 
 
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"),
