@@ -554,7 +554,7 @@ def test_bit_flips_in_a_checkpoint_never_restore_silently(tmp_path):
         with pytest.raises(checkpoint.DamagedCheckpointError) as refused:
             _restore_latest(tmp_path / "w", config)
         message = str(refused.value)
-        outcomes.append("caught" if re.search(r": \S+ \(1 array\) differ from what was saved", message) else
+        outcomes.append("caught" if re.search(r": \S+ \(1 array\) differs from what was saved", message) else
                         "unreadable" if "cannot be read" in message else message)
     assert set(outcomes) <= {"caught", "unreadable"} and "caught" in outcomes, outcomes
     largest.write_bytes(intact)
