@@ -379,3 +379,5 @@ def test_a_checkpoint_whose_parameters_were_replaced_is_refused(tmp_path):
     with pytest.raises(checkpoint.DamagedCheckpointError, match=r"differ from what was saved"):  # read as saved,
         checkpoint.load_model(tmp_path / "ckpt", dtype="bfloat16", param_dtype="bfloat16")  # compared, then cast
     assert checkpoint.load_model(tmp_path / "other").config.hidden_size == 32
+    convert.main(["orbax-to-hf", str(tmp_path / "other"), str(tmp_path / "hf_other")])  # checksums stay behind
+    assert "checksums" not in json.loads((tmp_path / "hf_other" / "llmcxr_metadata.json").read_text())
