@@ -163,8 +163,8 @@ def _changed_arrays(tree: Any, recorded: dict[str, str], where: Path) -> list[st
     not be compared although checksums were saved (restored in another dtype or shape, or renamed)."""
     changed, unchecked = array_checksums.compare(tree, recorded)
     if recorded and unchecked:
-        logging.warning("%s: %s could not be compared with the checksums saved with it (restored in another dtype "
-                        "or shape than saved, or not among the saved arrays)", where, _listed(unchecked))
+        logging.warning("%s: %s could not be compared with the saved checksums (restored in another dtype or shape "
+                        "than saved, or not among the saved arrays)", where, _listed(unchecked))
     return changed
 
 

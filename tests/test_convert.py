@@ -2,6 +2,7 @@
 
 import gc
 import json
+import re
 import shutil
 import sys
 
@@ -381,3 +382,13 @@ def test_a_checkpoint_whose_parameters_were_replaced_is_refused(tmp_path):
     assert checkpoint.load_model(tmp_path / "other").config.hidden_size == 32
     convert.main(["orbax-to-hf", str(tmp_path / "other"), str(tmp_path / "hf_other")])  # checksums stay behind
     assert "checksums" not in json.loads((tmp_path / "hf_other" / "llmcxr_metadata.json").read_text())
+
+
+def test_parameters_without_a_saved_checksum_are_named_in_a_warning(tmp_path, caplog):
+    """A record that lacks an array (renamed, or saved by other code) cannot vouch for it: said, not silent."""
+    convert.main(["hf-to-orbax", str(save_hf(tiny_hf_model(), tmp_path / "hf")), str(tmp_path / "ckpt")])
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    del meta["checksums"]["embed_in"]
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    checkpoint.load_model(tmp_path / "ckpt")
+    assert re.search(r"ckpt/params: embed_in \(1 array\) could not be compared with the saved checksums", caplog.text)
