@@ -8,6 +8,8 @@ the word at each position): any one changed word changes both sums, and other ch
 in 2**64, structured ones included (a sum of the bits weighted by position missed sign flips of pairs). Sums wrap
 modulo 2**32, so they are the same whatever the order of the reduction: one jitted pass over sharded arrays on
 any mesh and process count, or NumPy for small arrays already in host memory, with the same result.
+(`vqgan_flax.checkpoint.fingerprint` is a sha256 of host copies of a whole VQ-GAN; these sums stay on the
+devices, per array, for sharded states that no one host holds.)
 """
 
 from __future__ import annotations
