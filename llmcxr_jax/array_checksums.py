@@ -83,19 +83,16 @@ def _host_sums(x: np.ndarray) -> np.ndarray:
         return np.stack(_hashed_sums(words, iota, np))
 
 
-def _start_sums(x: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
-    """The sums of one leaf: computed now on the host, or dispatched to its devices (fetched by `_fetch`)."""
+def _sums(x: jax.Array | np.ndarray) -> np.ndarray:
+    """The two sums of one leaf, on the host or on its devices."""
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     on_host = isinstance(x, np.ndarray) or (x.is_fully_addressable and {d.platform for d in x.devices()} == {"cpu"})
     if on_host and x.size * (2 if x.dtype.itemsize == 8 else 1) <= _HOST_WORDS:
         return _host_sums(np.asarray(x))
-    return _device_sums(x)
-
-
-def _fetch(sums: jax.Array | np.ndarray) -> np.ndarray:
-    if isinstance(sums, np.ndarray):
-        return sums
+    # Waited for before the next leaf's: independent programs may run in any order, and two processes running
+    # their cross-process reductions in different orders wait for each other forever (seen with gloo on CPUs).
+    sums = _device_sums(x)
     if not sums.is_fully_replicated:  # a full reduction is replicated on every device; each process reads its own
         raise RuntimeError(f"array checksums came back with sharding {sums.sharding}, not replicated")
     return np.asarray(sums.addressable_data(0))
@@ -112,9 +109,8 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     """{leaf path: "dtype[shape]:16 hex digits"} for every array leaf of `tree` (global arrays of any sharding;
     every process gets the same dict)."""
     names, arrays = _paths_and_arrays(tree)
-    started = [_start_sums(x) for x in arrays]  # every device pass dispatched before the first is waited for
-    return {name: f"{_signature(x)}:{int(a):08x}{int(b):08x}"
-            for name, x, (a, b) in zip(names, arrays, map(_fetch, started))}
+    return {name: f"{_signature(x)}:{int(a):08x}{int(b):08x}" for name, x in zip(names, arrays)
+            for a, b in [_sums(x)]}
 
 
 def _signature(x: jax.Array | np.ndarray) -> str:
