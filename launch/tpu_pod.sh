@@ -20,9 +20,10 @@ fi
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
 REPO_DIR=${REPO_DIR:-llmcxr-jax}
 MODULE=${MODULE:-llmcxr_jax.train}
-# Every value is %q-quoted: the remote shell would split a path with spaces into several arguments.
+# Every value is %q-quoted: the remote shell would split a path with spaces into several arguments. The user's
+# arguments come first: ml_collections refuses a --config.* override before --config itself.
 ARGS=$(printf ' %q' "$@")
 DATA_FLAG=${DATA_DIR:+$(printf '%q' "--config.data.data_dir=$DATA_DIR")}
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $(printf '%q' "$REPO_DIR") && JAX_PLATFORMS=tpu python -m $MODULE --workdir $(printf '%q' "$WORKDIR") \
-   --config.distributed.coordinator_address=auto $DATA_FLAG $ARGS"
+  "cd $(printf '%q' "$REPO_DIR") && JAX_PLATFORMS=tpu python -m $MODULE $ARGS --workdir $(printf '%q' "$WORKDIR") \
+   --config.distributed.coordinator_address=auto $DATA_FLAG"

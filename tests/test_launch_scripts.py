@@ -24,6 +24,18 @@ def _stub(directory: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+def _parsed_data_dir(argv: list[str]) -> str:
+    """What the module's own flag parser makes of a recorded command line (`-m MODULE ARGS...`): the config's
+    data.data_dir after every override, or the parser's error."""
+    at = argv.index("-m")
+    code = ("import importlib, sys; from llmcxr_jax import config_files; importlib.import_module(sys.argv[1]); "
+            "config_files.parse_flags(['prog', *sys.argv[2:]]); print(config_files.config_from_flags().data.data_dir)")
+    out = subprocess.run([sys.executable, "-c", code, *argv[at + 1:]], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 @pytest.fixture
 def stubs(tmp_path):
     """A bin dir whose `python` writes its argv (one per line) and CUDA_VISIBLE_DEVICES to $RECORD."""
@@ -47,9 +59,11 @@ def test_slurm_script_runs_the_module_on_the_tasks_own_gpu(stubs, module):
         env["MODULE"] = module
     subprocess.run(["bash", str(ROOT / "launch/slurm_gpu.sbatch"), "--config", "configs/vqgan.py", TRICKY],
                    env=env, check=True, timeout=60)
-    assert record.read_text().splitlines() == [
+    argv = record.read_text().splitlines()
+    assert argv == [
         "CUDA_VISIBLE_DEVICES=3", "-m", module or "llmcxr_jax.train", "--config", "configs/vqgan.py", TRICKY,
         "--config.distributed.local_device_ids=0"]
+    assert _parsed_data_dir(argv) == "/data/with space/tfds"
 
 
 @pytest.mark.parametrize("module", [None, "llmcxr_jax.train_vqgan"])
@@ -60,10 +74,12 @@ def test_tpu_pod_script_runs_the_module_with_automatic_cluster_detection(stubs, 
         env["MODULE"] = module
     subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "--config", "configs/vqgan.py", TRICKY], env=env,
                    check=True, timeout=60)
-    assert record.read_text().splitlines() == [
-        "CUDA_VISIBLE_DEVICES=", "-m", module or "llmcxr_jax.train", "--workdir", "/mnt/my runs/r1",
-        "--config.distributed.coordinator_address=auto", "--config.data.data_dir=/mnt/b/tf ds", "--config",
-        "configs/vqgan.py", TRICKY]
+    argv = record.read_text().splitlines()
+    assert argv == [
+        "CUDA_VISIBLE_DEVICES=", "-m", module or "llmcxr_jax.train", "--config", "configs/vqgan.py", TRICKY,
+        "--workdir", "/mnt/my runs/r1", "--config.distributed.coordinator_address=auto",
+        "--config.data.data_dir=/mnt/b/tf ds"]
+    assert _parsed_data_dir(argv) == "/mnt/b/tf ds"  # DATA_DIR wins over an earlier data_dir override
 
 
 
