@@ -47,12 +47,13 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     if config.data[key] > config.model.max_position_embeddings:
         raise ValueError(f"data.{key}={config.data[key]} exceeds model.max_position_embeddings="
                          f"{config.model.max_position_embeddings}: the model has no positions that far")
-    gbs, mbs = config.train.global_batch_size, config.train.micro_batches
-    if config.train.loss_group_size < 1:
-        raise ValueError(f"train.loss_group_size={config.train.loss_group_size} must be at least 1")
-    if config.train.loss_mode == "original" and (gbs // mbs) % config.train.loss_group_size:
-        raise ValueError(f"loss_mode 'original' needs micro-batches divisible by loss_group_size="
-                         f"{config.train.loss_group_size}")
+    group = config.train.loss_group_size
+    if group < 1:
+        raise ValueError(f"train.loss_group_size={group} must be at least 1")
+    if config.train.loss_mode == "original" and config.train.global_batch_size % group:
+        # the groups are of the whole batch (lm_task.sequence_scales), so micro-batches may split them
+        raise ValueError(f"train.loss_mode='original' averages over groups of train.loss_group_size={group} "
+                         f"sequences; train.global_batch_size={config.train.global_batch_size} is no multiple of it")
     if config.train.loss_chunk < 0:
         raise ValueError(f"train.loss_chunk={config.train.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
     if config.init.hf_dir and config.init.workdir:

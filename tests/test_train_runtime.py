@@ -50,6 +50,8 @@ def test_two_steps_agree_across_meshes_and_micro_batching(tmp_path, loss_mode):
         results[shape] = params_of(run_steps(config, mesh_of(shape), tmp_path / str(shape), 2)[1])
     config.train.micro_batches = 2
     results["micro2"] = params_of(run_steps(config, mesh_of((2, 2, 1)), tmp_path / "micro", 2)[1])
+    config.train.micro_batches = config.train.global_batch_size  # one sequence each: 'original' groups split
+    results["micro_all"] = params_of(run_steps(config, mesh_of((1, 1, 1)), tmp_path / "micro_all", 2)[1])
     reference = results.pop((1, 1, 1))
     initial = params_of(jax.jit(lambda: nnx.state(tiny_task(config, mesh_of((1, 1, 1)), 2).create_state()))())
     assert any(np.abs(reference[k] - initial[k]).max() > 1e-4 for k in reference)  # the steps changed something
@@ -373,6 +375,9 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     (["--config.train.micro_batches=0"], "train.micro_batches=0 must be at least 1"),
     (["--config.train.loss_mode=original", "--config.train.loss_group_size=0"],
      "train.loss_group_size=0 must be at least 1"),
+    (["--config.train.loss_mode=original", "--config.train.loss_group_size=3"],
+     "train.loss_mode='original' averages over groups of train.loss_group_size=3 sequences; "
+     "train.global_batch_size=8 is no multiple of it"),
     (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1"),
     (["--config.train.loss_chunk=-1"], "train.loss_chunk=-1 must be >= 0"),
     (["--config.data.seq_len=256"], "data.seq_len=256 exceeds model.max_position_embeddings=128"),
