@@ -320,8 +320,19 @@ def build_task(config: Any, *, mesh: jax.sharding.Mesh, rules: Any, total_steps:
         create_state=create_state, train_step=step, batch_axes=BATCH_AXES, summarize=summarize,
         eval_step=lambda s, b: eval_step(s, b, step_cfg), initial_state=initial_state, throughput=throughput,
         metadata=metadata,
-        check_restored_metadata=lambda m: check_compatible(m, metadata, "the workdir's latest checkpoint (resuming)"),
+        check_restored_metadata=lambda m: check_resumable(m, metadata),
     )
+
+
+def check_resumable(found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another stage (its optimizer, step and data state are that stage's) or
+    with weights this run cannot take."""
+    source = "the workdir's latest checkpoint (resuming)"
+    if "stage" in found and "stage" in expected and found["stage"] != expected["stage"]:
+        raise ValueError(f"{source} was written by stage {found['stage']}, this run is stage {expected['stage']}: "
+                         f"give stage {expected['stage']} a workdir of its own (stage 2 starts from stage 1's with "
+                         "init.workdir)")
+    check_compatible(found, expected, source)
 
 
 COMPATIBILITY_KEYS = ("token_layout", "vqgan_fingerprint", "vqgan_grid")

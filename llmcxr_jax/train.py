@@ -60,6 +60,15 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         raise ValueError("set only one of init.hf_dir (stage 1) and init.workdir (stage 2)")
 
 
+def check_workdir_apart(config: Any, workdir: str) -> None:
+    """A run writing where it starts from would resume that run's checkpoints as its own (stage 2 in stage 1's
+    workdir) or put checkpoints among the Hugging Face weights."""
+    for key in ("workdir", "hf_dir"):
+        source = config.init[key]
+        if source and Path(source).absolute().resolve() == Path(workdir).absolute().resolve():
+            raise ValueError(f"--workdir {workdir} is init.{key}: give stage {config.stage} a workdir of its own")
+
+
 def token_metadata(config: Any) -> dict[str, Any]:
     """Token layout and VQ-GAN identity that checkpoints record and later stages and the sampler check."""
     if config.data.source == "synthetic":
@@ -244,6 +253,7 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
             raise ValueError(f"stage {config.stage} needs weights to start from: init.hf_dir (stage 1: dolly-v2-3b) "
                              "or init.workdir (stage 2: stage 1's workdir); init.from_scratch=True trains random "
                              "weights")
+        check_workdir_apart(config, workdir)
         train_iter, steps_per_epoch, fingerprint = make_train_data(config)
         steps = total_steps(config, steps_per_epoch)
     # report_dropout: whether classifier-free guidance's unconditional prompt was trained (for whoever samples)

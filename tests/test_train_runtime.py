@@ -198,6 +198,10 @@ def test_stage2_refuses_an_unfinished_stage1_unless_its_step_is_named(tmp_path, 
     trainer.train(tiny_task(stage1, mesh, 6), loop, mesh=mesh, rules=parallel.DEFAULT_RULES,
                   workdir=tmp_path / "s1", train_iter=batches(stage1))
     assert "s1: nothing to train, step 6 of 6 is done" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"resuming\) was written by stage 1, this run is stage 2: give stage 2 a "
+                                         r"workdir of its own"):  # not stage 1's optimizer, step and data state
+        trainer.train(tiny_task(stage2, mesh, 8), loop, mesh=mesh, rules=parallel.DEFAULT_RULES,
+                      workdir=tmp_path / "s1", train_iter=batches(stage2))
 
 def test_stage2_starts_from_a_converted_checkpoint_and_leaves_it_as_it_was(tmp_path):
     """init.workdir may name a converted checkpoint (meta.json + params/); reading it must not turn it into an
@@ -437,10 +441,20 @@ def test_none_and_numpy_numbers_pass_the_config_check():
     assert config_files.config_problems(built, reference) == ["train.progress=1 is a int, not a bool"]
 
 
-def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+@pytest.mark.parametrize("workdir,message", [("w", "--workdir {w} exists and is not a directory"),
+                                             ("w/sub", "--workdir {w}/sub: {w} is a file, so no directory can be made")])
+def test_a_workdir_that_is_or_is_below_a_file_is_refused(tmp_path, workdir, message):
     (tmp_path / "w").write_text("")
-    out, _ = _train_cli(tmp_path / "w", 2).communicate(timeout=120)
-    assert f"--workdir {tmp_path / 'w'} exists and is not a directory" in out and "Traceback" not in out, out
+    out, _ = _train_cli(tmp_path / workdir, 2).communicate(timeout=120)
+    assert message.format(w=tmp_path / "w") in out and "Traceback" not in out, out
+
+
+def test_a_workdir_that_is_the_one_it_starts_from_is_refused(tmp_path):
+    """Stage 2 in stage 1's workdir would resume stage 1's run as its own."""
+    (tmp_path / "s1").mkdir()
+    out, _ = _train_cli(tmp_path / "s1" / ".", 2, [f"--config.init.workdir={tmp_path / 's1'}",
+                                                   "--config.init.from_scratch=False"]).communicate(timeout=120)
+    assert f"error: --workdir {tmp_path / 's1'} is init.workdir: give stage 1 a workdir of its own" in out, out
 
 
 @pytest.mark.parametrize("module,config,message", [

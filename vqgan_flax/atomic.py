@@ -24,4 +24,7 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{flag} {path} exists and is not a directory")
+    existing = next(p for p in path.absolute().parents if p.exists())  # where mkdir -p would start
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {existing} is a file, so no directory can be made below it")
     return path
