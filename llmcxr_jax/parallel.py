@@ -189,6 +189,10 @@ def initialize(cfg: Any) -> None:
     """
     address = str(cfg.coordinator_address)
     explicit = address not in ("", AUTO)
+    if not explicit and (int(cfg.num_processes) > 0 or int(cfg.process_id) >= 0):  # else each host trains alone
+        raise ValueError(f"distributed.num_processes={cfg.num_processes} and process_id={cfg.process_id} are read "
+                         f"only with distributed.coordinator_address=HOST:PORT (it is {address!r}: the launcher's "
+                         "environment or JAX's detection gives both); set the address, or leave both unset")
     if address == AUTO:
         where = "JAX's own cluster detection"
     elif explicit:

@@ -340,6 +340,16 @@ def test_a_start_up_timeout_below_one_second_is_refused_not_waited_on_forever(ti
     assert not jax.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("address,processes,pid", [("", 2, 1), ("", 0, 0), ("auto", 2, -1)])
+def test_a_process_count_or_id_without_a_coordinator_address_is_refused(address, processes, pid):
+    """Without an address they were ignored: every host would have trained alone into the same workdir."""
+    with pytest.raises(ValueError, match=rf"num_processes={processes} and process_id={pid} are read only with "
+                                         rf"distributed.coordinator_address=HOST:PORT \(it is '{address}'"):
+        parallel.initialize(types.SimpleNamespace(coordinator_address=address, num_processes=processes,
+                                                  process_id=pid, local_device_ids="", timeout_s=5))
+    assert not jax.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("processes,pid", [(0, 0), (2, 2), (2, -1)])
 def test_a_process_id_outside_the_process_count_is_refused_before_joining(processes, pid):
     with pytest.raises(ValueError, match=rf"distributed.process_id={pid} must be in \[0, num_processes={processes}\)"):
