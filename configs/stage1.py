@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         data_dir="", mimic_builder="mimic_cxr_llmcxr/stage1", vqa_builder="", dolly_builder="dolly15k",
         image_weight=0.8, dolly_weight=0.2,  # SPEC §7: MIMIC (+VQA) 0.8, Dolly 0.2, Dolly recycled
         lengths=(512, 1024, 1536, 2048), max_length=2048,
-        seq_len=1024,  # synthetic data and --dry_run only
+        seq_len=1024,  # synthetic data only (a dry run of tfds data compiles the longest of `lengths`)
         # Fraction of report→CXR records trained with an empty report, so that classifier-free guidance's
         # unconditional twin is in distribution (not in the original: 0).
         report_dropout=0.0))

@@ -178,8 +178,14 @@ def total_steps(config: Any, steps_per_epoch: int | None) -> int:
     return config.train.num_epochs * steps_per_epoch
 
 
+def dry_run_length(config: Any) -> int:
+    """Synthetic data's `data.seq_len`; else the longest of `data.lengths`, to which the run's longest batches
+    are padded: its peak memory."""
+    return config.data.seq_len if config.data.source == "synthetic" else max(config.data.lengths)
+
+
 def lm_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-    shape = (config.train.global_batch_size, config.data.seq_len)
+    shape = (config.train.global_batch_size, dry_run_length(config))
     return {"input_ids": (shape, np.int32), "loss_weights": (shape, np.float32)}
 
 
@@ -202,8 +208,8 @@ def compile_step(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ..
         return lower_step(task, batch_shapes, mesh, rules).compile()
 
 
-LM_REMAT_ADVICE = ("a smaller train.global_batch_size (or train.micro_batches), optim.mu_dtype=bfloat16 or "
-                   "model.remat_policy=full avoids it")
+LM_REMAT_ADVICE = ("optim.mu_dtype=bfloat16, more train.micro_batches (or a smaller train.global_batch_size) and "
+                   "model.remat_policy=full each need less; dry-run them, alone or together")
 
 
 def dry_run(task: trainer.Task, batch_shapes: dict[str, tuple[tuple[int, ...], Any]], what: str,
@@ -261,7 +267,9 @@ def run(config: Any, workdir: str, *, dry: bool = False, topology: str = "") -> 
                 "report_dropout": report_dropout(config)}
     task = lm_task.build_task(config, mesh=mesh, rules=rules, total_steps=steps, metadata=metadata)
     if dry:
-        what = f"{config.train.global_batch_size}×{config.data.seq_len} tokens"
+        what = f"{config.train.global_batch_size}×{dry_run_length(config)} tokens"
+        if config.data.source != "synthetic":
+            what += " (the longest of data.lengths)"
         fused = aot.is_gpu_topology(topology) and model.uses_cudnn_attention(config.model.attention_impl,
                                                                              config.model.dtype, "gpu")
         try:

@@ -150,10 +150,12 @@ def test_full_model_compiles_ahead_of_time_for_h100s(topology, gpus, attention):
 
 
 def test_a_dry_run_says_when_xla_recomputes_kernels_to_fit_an_h100():
-    """One 80 GB H100 at batch 16 × 1024 with fp32 Adam moments: over XLA's memory limit, so its
-    rematerialization runs matmuls twice; the dry run says so, with what avoids it."""
+    """One 80 GB H100 at the config's longest batches, 16 × 2048, with fp32 Adam moments: over XLA's memory
+    limit, so its rematerialization runs matmuls twice; the dry run says so, with what needs less."""
     out = _dry_run(["--topology", "h100:1"], devices=1)
-    assert re.search(r"XLA recomputes \d+ kernels .* optim.mu_dtype=bfloat16", out), out[-2000:]
+    assert "one step of 16×2048 tokens (the longest of data.lengths)" in out, out[-2000:]
+    assert re.search(r"XLA recomputes \d+ kernels .* optim.mu_dtype=bfloat16, more train.micro_batches", out), \
+        out[-2000:]
 
 
 def test_a_gpu_dry_run_without_the_attention_stand_in_is_a_clear_error(monkeypatch):
