@@ -37,6 +37,12 @@ class DataIterator(Protocol):
     def set_state(self, state: dict[str, Any]) -> None: ...
 
 
+def data_log_values(train_iter: DataIterator) -> dict[str, float]:
+    """What an iterator reports about its data (the LM pipeline: the fraction dropped for length), if anything."""
+    log_values = getattr(train_iter, "log_values", None)
+    return log_values() if log_values is not None else {}
+
+
 @dataclasses.dataclass
 class Task:
     """What a task supplies. `create_state` must be deterministic: it runs under `eval_shape` and `jit`.
@@ -220,7 +226,8 @@ class _Logger:
         for key, value in values.items():
             self._writer.add_scalar(f"{prefix}/{key}", value, step)
         self._writer.flush()
-        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "tokens_per_s", "mfu", "lr")}
+        shown = {k: f"{v:.4g}" for k, v in values.items()
+                 if k in ("loss", "tokens_per_s", "mfu", "lr") or (k == "dropped_fraction" and v > 0)}
         if self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
         else:
@@ -398,6 +405,7 @@ def _run(task, loop, state, step, train_iter, step_fn, eval_fn, eval_iter_fn, ba
                 values = task.summarize(means)
                 if task.throughput is not None:
                     values.update(task.throughput(window, seconds))
+                values.update(data_log_values(train_iter))
                 logger.scalars(step, "train", values)
                 window, window_start, window_steps, aside = None, time.perf_counter(), 0, 0.0
             eval_now = eval_fn is not None and eval_iter_fn is not None and loop.eval_every and (

@@ -124,6 +124,7 @@ def test_an_epoch_of_examples_all_too_long_is_an_error_not_an_endless_loop(tok):
                                                                     "response": "."}]},
                           tok, global_batch_size=2, process_index=0, process_count=1, lengths=(28,), max_length=28)
     assert [b["input_ids"].shape for b in take(it, 20)] == [(2, 28)] * 20 and it.dropped > 20 * 2
+    assert it.log_values() == {"dropped_fraction": it.dropped / (it.dropped + 40)}  # what training logs
 
 
 def test_same_record_gives_the_same_tokens_every_epoch(tok):

@@ -17,7 +17,7 @@ from flax import nnx
 
 from hf_reference import save_hf, tiny_hf_model
 from llmcxr_jax import checkpoint, config_files, lm_task, optim, parallel, trainer
-from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tiny_task
+from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tensorboard, tiny_task
 
 
 def _eval_loss(task, state, batch, mesh):
@@ -355,6 +355,20 @@ def test_throughput_leaves_out_compiles_and_saves(tmp_path, monkeypatch, capsys)
     rates = [float(r) for r in re.findall(r"tokens_per_s=([-+.e0-9]+)", capsys.readouterr().out)]
     window_tokens = 2 * config.train.global_batch_size * config.data.seq_len
     assert len(rates) == 3 and all(window_tokens / rate < 0.3 for rate in rates), rates
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_the_fraction_of_examples_dropped_for_length_is_logged_and_shown_when_any(tmp_path, capsys, fraction):
+    config = load_config("stage1")
+    data = batches(config)
+    data.log_values = lambda: {"dropped_fraction": fraction}  # as the LM pipeline reports its share
+    loop = trainer.LoopConfig(total_steps=2, log_every=2, checkpoint_every=0, async_checkpoints=False,
+                              progress=False)
+    trainer.train(tiny_task(config, mesh_of((1, 1, 1)), 2), loop, mesh=mesh_of((1, 1, 1)),
+                  rules=parallel.DEFAULT_RULES, workdir=tmp_path, train_iter=data)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] step 2:"))
+    assert ("dropped_fraction=0.25" in line) == (fraction > 0), line
+    assert tensorboard(tmp_path)[0]["train/dropped_fraction"] == [fraction]
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):

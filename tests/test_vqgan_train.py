@@ -1,9 +1,7 @@
 """VQ-GAN training on the shared loop: learning, the GAN switch, exact resume, mesh independence, export, fine-tune."""
 from __future__ import annotations
 
-import glob
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tensorboardX.proto import event_pb2
 
 import vqgan_flax
 from llmcxr_jax import parallel, train_vqgan, trainer, vqgan_task
 from llmcxr_jax.checkpoint import TrainCheckpoints
-from train_helpers import assert_states_agree, flat_state, load_config, mesh_of, phantom_batch, vqgan_steps
+from train_helpers import (assert_states_agree, flat_state, load_config, mesh_of, phantom_batch, tensorboard,
+                           vqgan_steps)
 from vqgan_flax import checkpoint as vq_checkpoint
 from vqgan_flax import losses
 
@@ -41,23 +39,6 @@ def saved_state(config, workdir, step: int = STEPS) -> dict[str, np.ndarray]:
     pure, _, _ = ckpts.restore(step, target)
     ckpts.close()
     return flat_state(pure)
-
-
-def tensorboard(workdir) -> tuple[dict[str, list[float]], list[str]]:
-    """(scalar tag -> values, image tags) of the run's event files, read without TensorBoard."""
-    scalars, images = {}, []
-    for path in sorted(glob.glob(str(workdir / "tensorboard" / "events*"))):
-        with open(path, "rb") as f:
-            while header := f.read(12):
-                data = f.read(struct.unpack("Q", header[:8])[0])
-                f.read(4)
-                event = event_pb2.Event.FromString(data)
-                for v in event.summary.value:
-                    if v.HasField("image"):
-                        images.append(v.tag)
-                    else:
-                        scalars.setdefault(v.tag, []).append(v.simple_value)
-    return scalars, images
 
 
 @pytest.fixture(scope="module")

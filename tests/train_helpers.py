@@ -1,14 +1,17 @@
-"""Shared pieces of the training-runtime tests: configs by file name, meshes on device subsets, param readout, and
-the VQ-GAN task's fixed batch, steps and state comparison."""
+"""Shared pieces of the training-runtime tests: configs by file name, meshes on device subsets, param readout,
+TensorBoard events, and the VQ-GAN task's fixed batch, steps and state comparison."""
 
 from __future__ import annotations
 
+import glob
 import json
+import struct
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+from tensorboardX.proto import event_pb2
 from tokenizers import Tokenizer
 
 from llmcxr_jax import checkpoint, config_files, lm_task, parallel, trainer, vqgan_task
@@ -127,3 +130,20 @@ def assert_states_agree(want: dict[str, np.ndarray], got: dict[str, np.ndarray],
     diffs = np.concatenate(weight_diffs) / lr
     assert diffs.max() <= 2 * steps
     assert np.mean(diffs > 1e-2) < 1e-3, np.mean(diffs > 1e-2)  # measured: 3e-4 of 918k weights (8 devices)
+
+
+def tensorboard(workdir) -> tuple[dict[str, list[float]], list[str]]:
+    """(scalar tag -> values, image tags) of the run's event files, read without TensorBoard."""
+    scalars, images = {}, []
+    for path in sorted(glob.glob(str(workdir / "tensorboard" / "events*"))):
+        with open(path, "rb") as f:
+            while header := f.read(12):
+                data = f.read(struct.unpack("Q", header[:8])[0])
+                f.read(4)
+                event = event_pb2.Event.FromString(data)
+                for v in event.summary.value:
+                    if v.HasField("image"):
+                        images.append(v.tag)
+                    else:
+                        scalars.setdefault(v.tag, []).append(v.simple_value)
+    return scalars, images

@@ -97,6 +97,11 @@ class LmIterator(grain.DatasetIterator):
         self.batches += 1
         return batch
 
+    def log_values(self) -> dict[str, float]:
+        """This process's share of examples dropped for length so far (the original drops them silently)."""
+        kept = self.batches * self.batch_size  # training batches are full; eval's padded rows do not matter here
+        return {"dropped_fraction": self.dropped / max(kept + self.dropped, 1)}
+
     def get_state(self) -> dict:
         return {"examples": self._parent.get_state(), "batches": self.batches, "dropped": self.dropped}
 
