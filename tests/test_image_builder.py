@@ -1,4 +1,5 @@
 """TFDS builder `cxr_images` (folder or MIMIC-CXR-JPG layout, no TensorFlow) and the VQ-GAN training iterator."""
+import gzip
 import json
 import sys
 
@@ -10,6 +11,7 @@ from PIL import Image
 from llmcxr_jax.data.cxr_phantoms_builder import CxrPhantoms, CxrPhantomsConfig
 from llmcxr_jax.data.image_builder import (CxrImages, CxrImagesConfig, ToModelInput, make_eval_iterator,
                                            make_image_iterator, phantom_records)
+from llmcxr_jax.data.mimic_files import ManualFilesMissingError
 from llmcxr_jax.train_vqgan import image_sources
 from train_helpers import load_config
 from vqgan_flax.images import load_image, preprocess
@@ -99,6 +101,21 @@ def test_mimic_layout_follows_the_split_csv(tmp_path):
              for split in ("train", "validation")}
     assert stems == {"train": ["d1", "d4"], "validation": ["d2", "d3"]}
     assert list(builder.build_counts["skipped"].values()) == ["dicom_id d5 not in mimic-cxr-2.0.0-split.csv"]
+    assert builder.info.metadata["counts"]["split_from"] == ("mimic-cxr-2.0.0-split.csv (validation: MIMIC's "
+                                                             "validate and test)")
+
+
+def test_a_gzipped_split_csv_alone_is_refused_not_replaced_by_a_hashed_split(tmp_path):
+    """MIMIC-CXR-JPG ships the split CSV gzipped; the hashed split would have put its test images in train."""
+    root = tmp_path / "mimic" / "files" / "p10"
+    root.mkdir(parents=True)
+    Image.fromarray(_gradient(40, 40, 0)).save(root / "d1.jpg")
+    with gzip.open(tmp_path / "mimic" / "mimic-cxr-2.0.0-split.csv.gz", "wt") as f:
+        f.write("dicom_id,study_id,subject_id,split\nd1,50000000,10000032,test\n")
+    builder = CxrImages(config=CxrImagesConfig(name="m32", size=SIZE, num_workers=1), data_dir=tmp_path / "tfds")
+    with pytest.raises(ManualFilesMissingError, match=r"mimic: mimic-cxr-2.0.0-split.csv.gz is there but not "
+                                                      r"mimic-cxr-2.0.0-split.csv: gunzip it"):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "mimic")))
 
 
 def _take(iterator, n):
@@ -154,6 +171,7 @@ def test_the_build_cli_makes_the_dataset_the_vqgan_config_reads(tmp_path, capsys
     source = tfds.data_source("cxr_images/demo64", data_dir=tmp_path / "tfds", split="train")
     assert len(source) == 3 and source[0]["image"].shape == (64, 64, 1)
     assert '"train": 3' in printed and '"skipped": 1' in printed and '"validation": 0' in printed
+    assert '"split_from": "validation: 0.01 of the images, by a hash of their paths"' in printed
 
     # So few images put none in validation, which then has no split: the trainer runs without evaluation.
     config = load_config("vqgan", "tiny")

@@ -85,8 +85,13 @@ def example_key(root: Path, path: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
-def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dict[str, str]]:
-    """(split -> files, skipped file -> reason) before any image is decoded."""
+def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dict[str, str], str]:
+    """(split -> files, skipped file -> reason, where the split came from) before any image is decoded."""
+    csv = root / mimic_files.SPLIT_CSV
+    if not csv.is_file() and csv.with_name(csv.name + ".gz").is_file():  # the hashed split would train on test images
+        raise mimic_files.ManualFilesMissingError(
+            f"{root}: {csv.name}.gz is there but not {csv.name}: gunzip it to build with MIMIC's split (without it "
+            "the build would make its own validation split, and MIMIC's test images would be trained on)")
     files = image_files(root)
     if not files:
         raise mimic_files.ManualFilesMissingError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} files found (searched "
@@ -99,17 +104,17 @@ def plan_splits(root: Path, fraction: float) -> tuple[dict[str, list[Path]], dic
         shown = "; ".join(", ".join(names) for names in clashes[:10])
         raise ValueError(f"{root}: {len(clashes)} images differ only in their suffix (an image's id is its path "
                          f"without the suffix), remove or rename one of each: {shown}")
-    csv = root / mimic_files.SPLIT_CSV
     if not csv.is_file():
         relative = {p: p.relative_to(root).as_posix() for p in files}
-        return {"train": [p for p in files if not _in_validation(relative[p], fraction)],
-                "validation": [p for p in files if _in_validation(relative[p], fraction)]}, {}
+        return ({"train": [p for p in files if not _in_validation(relative[p], fraction)],
+                 "validation": [p for p in files if _in_validation(relative[p], fraction)]}, {},
+                f"validation: {fraction:g} of the images, by a hash of their paths")
     split_of = {row.dicom_id: split for split in mimic_files.SPLITS
                 for row in mimic_files.rows_of_split(mimic_files.read_split_csv(csv), split)}
     plans = {split: [p for p in files if split_of.get(p.stem) == split] for split in mimic_files.SPLITS}
     skipped = {p.relative_to(root).as_posix(): f"dicom_id {p.stem} not in {mimic_files.SPLIT_CSV}"
                for p in files if p.stem not in split_of}
-    return plans, skipped
+    return plans, skipped, f"{csv.name} (validation: MIMIC's validate and test)"
 
 
 class CxrImages(LocalFilesBuilder):
@@ -138,8 +143,8 @@ class CxrImages(LocalFilesBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = Path(dl_manager.manual_dir)
-        plans, skipped = plan_splits(root, self.builder_config.validation_fraction)
-        self.build_counts = {"skipped": skipped, "kept": {split: 0 for split in plans}}
+        plans, skipped, split_from = plan_splits(root, self.builder_config.validation_fraction)
+        self.build_counts = {"skipped": skipped, "kept": {split: 0 for split in plans}, "split_from": split_from}
         self.info.metadata["skipped"] = skipped
         return {split: self._generate_examples(root, split, files) for split, files in plans.items() if files}
 
@@ -168,7 +173,8 @@ class CxrImages(LocalFilesBuilder):
             raise ValueError(f"{root}: none of the {len(files)} images of split {split!r} is usable, e.g. "
                              + "; ".join(reasons[:3]))
         self.info.metadata["skipped"] = dict(sorted(skipped.items()))
-        self.info.metadata["counts"] = {"kept": dict(self.build_counts["kept"]), "skipped": len(skipped)}
+        self.info.metadata["counts"] = {"kept": dict(self.build_counts["kept"]), "skipped": len(skipped),
+                                        "split_from": self.build_counts["split_from"]}
 
 
 # ---------------------------------------------------------------------------------------------------- training
