@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from llmcxr_jax import metrics, parallel
-from llmcxr_jax.data.mimic_codes import default_codes_path, load_codes, vqgan_metadata
+from llmcxr_jax.data.mimic_codes import default_codes_path, load_codes, require_vqgan, vqgan_metadata
 from llmcxr_jax.data.mimic_files import (METADATA_CSV, REPORTS_DIR, SELECTED_VIEWS, SPLIT_CSV, WHERE,
                                          read_metadata_csv, read_split_csv, require_files, rows_of_split)
 from llmcxr_jax.data.mimic_records import REPORT_SKIPS, ReportCache
@@ -502,8 +502,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     mimic.add_argument("--max_tries", type=int, default=10)
     mimic.add_argument("--image_offset", type=int, default=ORIGINAL_IMAGE_OFFSET,
                        help="added to codes in raw_image (the tokenizer's image offset)")
-    mimic.add_argument("--grid", type=int, nargs=2, default=(16, 16), metavar=("H", "W"))
-    mimic.add_argument("--num_codes", type=int, default=1024)
     reports = sub.add_parser("reports", help="score generated reports in results files")
     reports.add_argument("--generated", required=True, nargs="+", help="results JSONL file(s) (all ranks)")
     reports.add_argument("--reference", nargs="+", help="JSONL file(s) with the references (default: --generated, "
@@ -533,8 +531,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "mimic":
         parallel.enable_compilation_cache()
-        selection = select_mimic_eval(args.manual_dir, args.codes or default_codes_path(args.manual_dir),
-                                      read_eval_ids(args.eval_ids), tuple(args.grid), args.num_codes)
+        from vqgan_flax import checkpoint as vqgan_checkpoint
+
+        eval_ids = read_eval_ids(args.eval_ids)
+        vqgan = vqgan_checkpoint.read_config(args.vqgan)  # the codes' grid and codebook are the VQ-GAN's
+        codes_path = args.codes or default_codes_path(args.manual_dir)
+        selection = select_mimic_eval(args.manual_dir, codes_path, eval_ids, vqgan.grid, vqgan.num_codes)
+        if selection.codes["fingerprint"]:  # the original's pickle records none
+            require_vqgan(selection.codes, str(codes_path), fingerprint=vqgan_checkpoint.read_fingerprint(args.vqgan))
         settings = _sampler_settings(args)
         summary = run_mimic_protocol(selection, lambda: _load_sampler(args, settings["checkpoint"]["step"]),
                                      args.out, rank=args.rank, world=args.world, seed=args.seed,

@@ -22,7 +22,9 @@ from llmcxr_jax.evaluate import (EvalInputError, read_eval_ids, read_jsonl, read
                                  run_mimic_protocol, select_mimic_eval, write_results_pickle)
 from llmcxr_jax.lm_checkpoint import checkpoint_identity
 from llmcxr_jax.prompts import CXR_VQ_OUTPUT_INSTRUCTION_LIST, choose_instruction
-from mimic_fixture import GRID, write_mimic_tree
+from mimic_fixture import FINGERPRINT, GRID, write_mimic_tree
+from vqgan_flax import checkpoint as vqgan_checkpoint
+from vqgan_flax.config import VQGANConfig
 from vqgan_flax.safe_pickle import restricted_load
 
 SEED = 42
@@ -105,6 +107,16 @@ def tree(request, tmp_path):
     ids_file.write_bytes(pickle.dumps(sorted(eval_ids)))
     selection = select_mimic_eval(fx.root, fx.codes_path, read_eval_ids(ids_file))
     return fx, eval_ids, ids_file, selection
+
+
+def _vqgan_dir(path, fingerprint: str = FINGERPRINT, config=VQGANConfig()):
+    """What `evaluate mimic` reads of a VQ-GAN directory before any model loads: its config and fingerprint (the
+    default config is LLM-CXR's f16 one: the fixture's 16 x 16 grid of 1024 codes)."""
+    path.mkdir()
+    (path / vqgan_checkpoint.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (path / vqgan_checkpoint.META_FILE).write_text(json.dumps({"format": vqgan_checkpoint.FORMAT,
+                                                               "fingerprint": fingerprint}))
+    return str(path)
 
 
 def _run(selection, out, sampler=None, **kw):
@@ -285,12 +297,29 @@ def test_cli_mimic_runs_the_protocol(tree, tmp_path, monkeypatch, capsys):
     built = []
     monkeypatch.setattr(evaluate, "_load_sampler",
                         lambda args, step: built.append((args.checkpoint, args.vqgan)) or ScriptedSampler())
-    evaluate.main(["mimic", "--checkpoint", str(checkpoint), "--vqgan", "VQ", "--manual_dir", str(fx.root),
+    vqgan = _vqgan_dir(tmp_path / "vq")
+    evaluate.main(["mimic", "--checkpoint", str(checkpoint), "--vqgan", vqgan, "--manual_dir", str(fx.root),
                    "--eval_ids", str(ids_file), "--out", str(tmp_path / "out"), "--rank", "1", "--world", "2"])
     printed = json.loads(capsys.readouterr().out)
-    assert built == [(str(checkpoint), "VQ")]  # default codes path found in the manual directory
+    assert built == [(str(checkpoint), vqgan)]  # default codes path found in the manual directory
     assert printed["selection"] == dict(selection.counts) and printed["written"] == len(selection.items[1::2])
     assert [r["dicom_id"] for r in read_results(printed["results"])] == [i.dicom_id for i in selection.items[1::2]]
+
+
+@pytest.mark.parametrize("vqgan,message", [
+    (dict(fingerprint="another-vqgan"), "codes from VQ-GAN fingerprint fixture-vqgan-a, but another-vqgan was asked"),
+    (dict(config=VQGANConfig(resolution=128)), r"codes have grid \(16, 16\) and 1024 codes, expected grid \(8, 8\)"),
+])
+def test_cli_mimic_refuses_codes_of_another_vqgan_before_sampling(tmp_path, monkeypatch, vqgan, message):
+    """The codes would mean other images to the LM; the original's pickle records no fingerprint, only its grid
+    can be checked."""
+    fx = write_mimic_tree(tmp_path / "mimic", codes_format="dir")
+    (tmp_path / "ids.pickle").write_bytes(pickle.dumps(["x"]))
+    monkeypatch.setattr(evaluate, "_load_sampler", lambda args, step: pytest.fail("sampled"))
+    with pytest.raises(SystemExit, match=f"^error: {fx.codes_path}: {message}"):
+        evaluate.main(["mimic", "--checkpoint", str(tmp_path), "--vqgan", _vqgan_dir(tmp_path / "vq", **vqgan),
+                       "--manual_dir", str(fx.root), "--eval_ids", str(tmp_path / "ids.pickle"),
+                       "--out", str(tmp_path / "out")])
 
 
 def _workdir_at_step(path, step):
@@ -322,8 +351,10 @@ def test_cli_mimic_resumes_only_with_the_same_model_and_sampler(tree, tmp_path, 
     loaded_steps = []
     monkeypatch.setattr(evaluate, "_load_sampler", lambda args, step: loaded_steps.append(step) or ScriptedSampler())
 
+    vqgan = _vqgan_dir(tmp_path / "vq")
+
     def run(ckpt, *extra):
-        evaluate.main(["mimic", "--checkpoint", str(ckpt), "--vqgan", "VQ", "--manual_dir", str(fx.root),
+        evaluate.main(["mimic", "--checkpoint", str(ckpt), "--vqgan", vqgan, "--manual_dir", str(fx.root),
                        "--eval_ids", str(ids_file), "--out", str(tmp_path / "out"), *extra])
         return json.loads(capsys.readouterr().out)
 

@@ -48,8 +48,8 @@ def load_codes(path: Path, grid: tuple[int, int], num_codes: int) -> Codes:
         store = CodesDir.open(path)
         if tuple(store.meta.grid) != tuple(grid) or store.meta.num_codes != num_codes:
             raise VqganMismatchError(
-                f"{path}: codes have grid {tuple(store.meta.grid)} and {store.meta.num_codes} codes, the builder "
-                f"config expects grid {tuple(grid)} and {num_codes}; set `grid`/`num_codes` in the config")
+                f"{path}: codes have grid {tuple(store.meta.grid)} and {store.meta.num_codes} codes, expected grid "
+                f"{tuple(grid)} and {num_codes} (the builder config's `grid`/`num_codes`, or the VQ-GAN's)")
         return Codes(store, store.invalid_ids, store.meta, path)
     if path.is_file():
         valid, invalid = read_pickle(path, grid, num_codes)
