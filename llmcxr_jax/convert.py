@@ -27,6 +27,7 @@ from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, pad_vocab, resolve_dtype
 from llmcxr_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_file
 from llmcxr_jax.tokenizer import LAYOUT_FILE
 from vqgan_flax.json_object import read_json_object
+from vqgan_flax.torch_checkpoint import damaged_entry
 
 # Registered buffers of older transformers checkpoints; they hold no weights.
 IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
@@ -120,6 +121,9 @@ class TensorSource:
                 weight_map = json.loads(path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConversionError(f"{path}: not a valid index file ({e!r})") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise ConversionError(f"{path}: not a valid index file (weight_map must map tensor names to file "
+                                      f"names, got {str(weight_map)[:200]})")
             self._files = {name: directory / fname for name, fname in weight_map.items()}
             return
         raise ConversionError(f"{directory}: no weights found (expected model.safetensors, "
@@ -162,6 +166,8 @@ class _TorchBin:
             raise ConversionError(f"{path}: reading PyTorch .bin weights needs torch; install the `convert` extra "
                                   "(torch for your machine), or give a directory with .safetensors weights") from None
         self._torch = torch
+        if (damaged := damaged_entry(path)) is not None:
+            raise ConversionError(f"{path}: damaged: entry {damaged} fails its CRC check; download the file again")
         try:
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for damaged files

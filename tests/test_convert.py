@@ -4,7 +4,9 @@ import gc
 import json
 import re
 import shutil
+import struct
 import sys
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -254,6 +256,29 @@ def test_truncated_bin(tmp_path):
     data = (path / "pytorch_model.bin").read_bytes()
     (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match=r"pytorch_model.bin: cannot read PyTorch weights"):
+        load_hf_model(path)
+
+
+def test_a_bin_with_a_damaged_tensor_is_refused_not_converted(tmp_path):
+    """torch.load reads zip entries without checking their CRCs: one flipped byte of a weight loaded silently."""
+    path = _write_old_style_bin(tiny_hf_model(), tmp_path / "hf") / "pytorch_model.bin"
+    with zipfile.ZipFile(path) as archive:
+        entry = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_length + extra_length + 5] ^= 0x10  # one bit of the first tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"pytorch_model.bin: damaged: entry \S+/data/0 fails its CRC check"):
+        load_hf_model(path.parent)
+
+
+@pytest.mark.parametrize("weight_map", [[], {"gpt_neox.embed_in.weight": None}])
+def test_an_index_whose_weight_map_is_no_name_to_file_map_is_a_conversion_error(tmp_path, weight_map):
+    path = save_hf(tiny_hf_model(), tmp_path / "hf")
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConversionError, match=r"model.safetensors.index.json: not a valid index file \(weight_map "
+                                              r"must map tensor names to file names"):
         load_hf_model(path)
 
 

@@ -120,14 +120,18 @@ def _restricted_torch_load(path: Path) -> Any:
                                    stand_in=_stand_in)
 
 
-def _check_archive(path: Path) -> None:
-    """Refuse a zip-format checkpoint with a damaged entry: torch.load reads one without checking CRCs, and its
-    corrupt weights would convert (and be fingerprinted) as if they were the model."""
+def damaged_entry(path: Path) -> str | None:
+    """The first entry of a zip-format torch file that fails its CRC check, if any (one pass over the file):
+    torch.load reads a damaged one without checking, and its corrupt weights would convert (and be fingerprinted
+    or checksummed) as if they were the model. None also for torch < 1.6's format, which has no CRCs."""
     if not zipfile.is_zipfile(path):
-        return  # torch < 1.6's format: torch.load reads it, the restricted reader says it cannot
+        return None
     with zipfile.ZipFile(path) as archive:
-        damaged = archive.testzip()
-    if damaged is not None:
+        return archive.testzip()
+
+
+def _check_archive(path: Path) -> None:
+    if (damaged := damaged_entry(path)) is not None:
         raise CheckpointReadError(f"{path}: damaged: entry {damaged} fails its CRC check; copy the file again")
 
 
