@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 
 import jax
@@ -199,6 +200,15 @@ def test_pickle_with_anything_else_is_refused(tmp_path, capsys, content, message
     with pytest.raises(CodesError, match=f"indices.pickle: {message}"):
         codes_lib.read_pickle(path, TINY.grid, TINY.num_codes)
     assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("length,error", [(2**63 + 5, "OverflowError"), (2**50, "MemoryError")])
+def test_a_pickle_with_a_corrupted_length_is_refused_naming_the_file(tmp_path, length, error):
+    """BINBYTES8 claiming more bytes than exist: Python tries to allocate them first."""
+    path = tmp_path / "indices.pickle"
+    path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", length) + b"abc.")
+    with pytest.raises(CodesError, match=f"indices.pickle: not a readable pickle: {error}"):
+        codes_lib.read_pickle(path, TINY.grid, TINY.num_codes)
 
 
 def make_images(directory: Path) -> dict[str, Path]:

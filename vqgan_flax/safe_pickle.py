@@ -49,7 +49,8 @@ def restricted_load(file: IO[bytes], source: str, allowed: Mapping[tuple[str, st
         return RestrictedUnpickler(file, source, allowed, expected, persistent_load, stand_in).load()
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError, RecursionError) as err:  # the last three: a corrupted length or depth
         raise UnsafePickleError(f"{source}: not a readable pickle: {type(err).__name__}: {err}") from err
 
 
