@@ -172,5 +172,29 @@ def test_build_cli_prepares_the_mimic_configs(tmp_path, capsys):
     build.main(["mimic", "--manual_dir", str(fx.root), "--data_dir", str(tmp_path / "tfds")])
     out = capsys.readouterr().out
     assert "built mimic_cxr_llmcxr/stage1" in out and "built mimic_cxr_llmcxr/stage2" in out
+    assert "its images: reconstructed: PA/AP images of each subject's earliest PA/AP study" in out
     source = tfds.data_source("mimic_cxr_llmcxr/stage2", data_dir=tmp_path / "tfds", split="train")
     assert len(source) > 0
+
+
+def test_rerunning_the_build_after_a_failed_config_keeps_the_one_built(tmp_path, capsys):
+    """Stage 2 fails (a selection pickle under another name: it would have been reconstructed silently); once
+    fixed, the README's command again builds stage 2 and keeps stage 1 (an explicit --config still refuses)."""
+    from llmcxr_jax.data import build
+    from llmcxr_jax.data.mimic_files import SELECTION_PICKLE
+
+    fx = write_mimic_tree(tmp_path / "manual", selection=True)
+    misnamed = fx.root / SELECTION_PICKLE.replace("earlist", "earliest")
+    (fx.root / SELECTION_PICKLE).rename(misnamed)
+    command = ["mimic", "--manual_dir", str(fx.root), "--data_dir", str(tmp_path / "tfds")]
+    with pytest.raises(SystemExit, match=rf"^error: \S+manual: {misnamed.name} is not {SELECTION_PICKLE} \(the "
+                                         r"original's spelling\), which stage 2 reads"):
+        build.main(command)
+    assert "built mimic_cxr_llmcxr/stage1" in capsys.readouterr().out
+    misnamed.rename(fx.root / SELECTION_PICKLE)
+    build.main(command)
+    out = capsys.readouterr().out
+    assert "kept mimic_cxr_llmcxr/stage1/1.0.0, already built" in out and "built mimic_cxr_llmcxr/stage2" in out
+    assert f"its images: file {fx.root / SELECTION_PICKLE}" in out
+    with pytest.raises(SystemExit, match=r"stage1/\S+ is already built there"):
+        build.main([*command, "--config", "stage1"])

@@ -23,8 +23,11 @@ BUILDERS = {
 }
 
 
-def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | None]) -> dict:
-    """Prepare each config of one builder; returns {config: metadata counts} for the report."""
+def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | None],
+          keep_built: bool = False) -> dict:
+    """Prepare each config of one builder; returns {config: metadata counts} for the report. A config already
+    built in `data_dir` is an error, or with `keep_built` (the default configs: rerunning the command after one
+    failed) kept as it is."""
     import importlib
 
     module, cls_name, _ = BUILDERS[kind]
@@ -44,13 +47,20 @@ def build(kind: str, data_dir: str, manual_dir: str | None, configs: list[str | 
     report = {}
     for name in configs:
         builder = cls(config=name, data_dir=data_dir) if name else cls(data_dir=data_dir)
+        rebuild = "delete that directory to build it again from --manual_dir"
         if builder.is_prepared():  # TFDS would reuse it and report its old counts as if just built
-            raise ValueError(f"{builder.data_path}: {builder.info.full_name} is already built there; delete that "
-                             "directory to build it again from --manual_dir, or use another --data_dir")
+            if not keep_built:
+                raise ValueError(f"{builder.data_path}: {builder.info.full_name} is already built there; {rebuild}, "
+                                 "or use another --data_dir")
+            print(f"kept {builder.info.full_name}, already built in {builder.data_path} ({rebuild})")
+            continue
         builder.download_and_prepare(download_config=download)
-        report[name or "default"] = builder.info.metadata.get("counts", {}) if builder.info.metadata else {}
+        metadata = builder.info.metadata or {}
+        report[name or "default"] = metadata.get("counts", {})
         print(f"built {builder.info.full_name} in {data_dir}: "
               f"{ {s: v.num_examples for s, v in builder.info.splits.items()} }")
+        if "selection" in metadata:  # the stage-2 images: the original's pickle, or reconstructed without it
+            print(f"  its images: {metadata['selection']}")
     return report
 
 
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configs = args.config or list(BUILDERS[args.kind][2])
     try:
-        counts = build(args.kind, args.data_dir, args.manual_dir, configs)
+        counts = build(args.kind, args.data_dir, args.manual_dir, configs, keep_built=args.config is None)
     except (OSError, ValueError) as e:  # missing or unusable source files (a directory for a file…): say which
         sys.exit(f"error: {e}")
     print(json.dumps({"skipped_and_kept": counts}, indent=2, default=str))

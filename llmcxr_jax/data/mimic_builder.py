@@ -89,6 +89,10 @@ def _selection(manual_dir: Path, config: MimicCxrConfig, inputs: _Inputs) -> tup
     path = Path(config.selection_path) if config.selection_path else manual_dir / mimic_files.SELECTION_PICKLE
     if config.selection_path or path.exists():
         return mimic_files.load_selection(path), f"file {path}"
+    if others := sorted(p.name for p in manual_dir.glob("*selected*pa-ap*.pickle")):
+        raise mimic_files.MimicFileError(
+            f"{manual_dir}: {', '.join(others)} is not {mimic_files.SELECTION_PICKLE} (the original's spelling), "
+            "which stage 2 reads when present; rename it, or set the builder config's selection_path")
     return (mimic_files.reconstruct_selection(inputs.rows, inputs.metadata,
                                               manual_dir / mimic_files.METADATA_CSV),
             "reconstructed: PA/AP images of each subject's earliest PA/AP study (StudyDate, StudyTime)")
