@@ -224,6 +224,9 @@ def test_selection_pickle_forms(tmp_path):
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(MimicFileError, match="dicom_ids must be strings"):
         load_selection(path)
+    path.write_bytes(pickle.dumps({"d1": 1.5}))  # values the original never read: the recipe keeps the keys only
+    with pytest.raises(MimicFileError, match=r"(?s)sel.pickle: holds a float; .*keeping only the dicom_id keys"):
+        load_selection(path)
 
 
 def test_build_cli_names_a_directory_where_a_csv_should_be(tmp_path):

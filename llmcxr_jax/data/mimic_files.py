@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from llmcxr_jax.data.plain_pickle import load_plain_pickle
+from llmcxr_jax.data.plain_pickle import PlainPickleError, load_plain_pickle
 from llmcxr_jax.data.text_files import open_utf8
 
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
@@ -150,7 +150,10 @@ def report_path(reports_root: Path, subject_id: str, study_id: str) -> Path:
 
 def load_selection(path: Path) -> frozenset[str]:
     """The dicom_ids of the selection pickle: the keys of a dict (as the original read it) or a list of ids."""
-    obj = load_plain_pickle(path, "a dict keyed by dicom_id or a list of dicom_ids")
+    try:
+        obj = load_plain_pickle(path, "a dict keyed by dicom_id or a list of dicom_ids")
+    except PlainPickleError as err:  # e.g. float values: only the keys count, which the recipe keeps
+        raise MimicFileError(f"{err}\n{CONVERT_SELECTION}") from None
     ids = list(obj.keys()) if isinstance(obj, dict) else obj
     if not all(type(i) is str for i in ids):
         raise MimicFileError(f"{path}: dicom_ids must be strings\n{CONVERT_SELECTION}")
