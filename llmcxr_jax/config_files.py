@@ -101,8 +101,9 @@ def _same_kind(value: Any, reference: Any) -> bool:
 
 
 def config_problems(config: Any, reference: Any, prefix: str = "") -> list[str]:
-    """Fields the trainer's own config file does not have (a typo would leave its default silently in force)
-    and values of another kind than its, each named; nested sections are compared the same way."""
+    """Fields the trainer's own config file does not have (a typo would leave its default silently in force),
+    fields it has that `config` lacks, and values of another kind than its, each named; nested sections are
+    compared the same way."""
     problems = []
     for key, value in config.items():
         name = prefix + key
@@ -116,6 +117,10 @@ def config_problems(config: Any, reference: Any, prefix: str = "") -> list[str]:
                 problems.append(f"{name} is a {type(value).__name__}, not a section")
         elif not _same_kind(value, reference[key]):
             problems.append(f"{name}={value!r} is a {type(value).__name__}, not a {type(reference[key]).__name__}")
+    for key, value in reference.items():  # e.g. a file written before the field existed
+        if key not in config:
+            shown = "a section" if isinstance(value, ml_collections.ConfigDict) else f"{value!r} there"
+            problems.append(f"{prefix}{key} is missing ({shown})")
     return problems
 
 

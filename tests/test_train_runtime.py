@@ -420,6 +420,8 @@ _BASE = "import ml_collections\nfrom configs.stage1 import get_config as base\n\
     ("def get_config(arg=''):\n    return 1 +\n", "{file}:2: SyntaxError: invalid syntax"),
     ("def get_config(arg=''):\n    return 1 / 0\n", "{file}:2: ZeroDivisionError: division by zero"),
     ("X = 1\n", "{file}: defines no get_config(arg) function"),
+    (_BASE + "    del c.train.loss_chunk\n    del c.optim\n    return c\n",
+     "{file}: train.loss_chunk is missing (256 there); optim is missing (a section) (the fields of configs/stage1.py)"),
     (_BASE + "    c.trian.num_steps = 2\n    return c\n",
      "{file}:6: AttributeError: trian Did you mean \"train\" instead of \"trian\"?"),
 ])
@@ -450,8 +452,10 @@ def test_none_and_numpy_numbers_pass_the_config_check():
     config = load_config("stage1")
     config.init.step, config.tokenizer = None, None
     assert config_files.config_problems(config, reference) == []
-    built = ml_collections.ConfigDict({"train": {"global_batch_size": np.int64(8), "progress": 1},
-                                       "optim": {"lr": np.float32(1e-3)}})  # a file may build its own
+    fields = reference.to_dict()  # a file may build its own ConfigDict
+    fields["train"].update(global_batch_size=np.int64(8), progress=1)
+    fields["optim"]["lr"] = np.float32(1e-3)
+    built = ml_collections.ConfigDict(fields)
     assert config_files.config_problems(built, reference) == ["train.progress=1 is a int, not a bool"]
 
 
