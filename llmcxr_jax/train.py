@@ -88,6 +88,13 @@ def load_tokenizer(config: Any) -> LlmCxrTokenizer:
     return LlmCxrTokenizer.from_pretrained(config.tokenizer or None, num_image_codes=config.vqgan.num_codes)
 
 
+def dataset_missing(what: str, data_dir: str, err: Exception, how_to_build: str) -> FileNotFoundError:
+    """TFDS's error for a dataset it cannot open, shortened: for an unknown name it lists its whole catalogue."""
+    where = f"data_dir {data_dir!r}" + ("" if not data_dir or Path(data_dir).is_dir() else " (no such directory)")
+    first = next(iter(str(err).strip().splitlines()), type(err).__name__)
+    return FileNotFoundError(f"data: cannot open {what} in {where}: {first} Build it first ({how_to_build}).")
+
+
 def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
     """Random-access sources by kind for one split, and the VQ-GAN fingerprint their codes were made with."""
     import tensorflow_datasets as tfds
@@ -103,8 +110,8 @@ def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
             builder = tfds.builder(name, data_dir=config.data.data_dir or None)
             sources[kind] = builder.as_data_source(split=split)
         except Exception as e:  # TFDS raises several types for a dataset that was never prepared
-            raise FileNotFoundError(f"data: cannot open {name!r} ({split}) in data_dir {config.data.data_dir!r}: "
-                                    f"{e}. Build it first (see README, 'Preparing data').") from None
+            raise dataset_missing(f"{name!r} ({split})", config.data.data_dir, e,
+                                  "see README, 'Preparing data'") from None
         if kind in ("mimic", "vqa"):
             recorded = builder.info.metadata["vqgan"]
             grid = (config.vqgan.grid, config.vqgan.grid)

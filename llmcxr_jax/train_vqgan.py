@@ -47,8 +47,8 @@ def image_sources(config: Any) -> tuple[Any, Any]:
         builder = tfds.builder(data.builder, data_dir=data.data_dir or None)
         train_source = builder.as_data_source(split=data.train_split)
     except Exception as e:  # TFDS raises several types for a dataset that was never prepared
-        raise FileNotFoundError(f"data: cannot open {data.builder!r} in data_dir {data.data_dir!r}: {e}. Build it "
-                                "first (llmcxr_jax.data.image_builder.CxrImages, or cxr_phantoms)") from None
+        raise train.dataset_missing(repr(data.builder), data.data_dir, e,
+                                    "python -m llmcxr_jax.data.build images, or phantoms") from None
     if "image" not in builder.info.features:  # e.g. a MIMIC LM dataset, which holds codes
         raise ValueError(f"data.builder {data.builder!r} has no 'image' feature (it has "
                          f"{sorted(builder.info.features)}); VQ-GAN training reads cxr_images/... or cxr_phantoms/...")

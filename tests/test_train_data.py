@@ -108,6 +108,26 @@ def test_two_processes_train_on_the_built_dataset(prepared, tmp_path):
     assert "[eval] step 2: loss=" in out.stdout and (tmp_path / "w" / "checkpoints" / "4").is_dir()
 
 
+@pytest.mark.parametrize("trainer", ["lm", "vqgan"])
+def test_a_dataset_that_is_not_there_is_one_line_not_the_tfds_catalogue(prepared, tmp_path, trainer):
+    from llmcxr_jax import train, train_vqgan
+
+    root, _ = prepared
+    for data_dir, where in ((root / "tfds", f"data_dir '{root / 'tfds'}'"),
+                            (tmp_path / "absent", f"data_dir '{tmp_path / 'absent'}' (no such directory)")):
+        config = config_files.load_config("stage1:" if trainer == "lm" else "vqgan:tiny")
+        config.data.update(data_dir=str(data_dir), source="tfds")
+        if trainer == "lm":
+            config.data.update(mimic_builder="mimic_cxr_llmcxr/stage1", dolly_builder="dolly15k")
+        else:
+            config.data.builder = "cxr_images/llmcxr256"
+        with pytest.raises(FileNotFoundError) as raised:
+            train.tfds_sources(config, "train") if trainer == "lm" else train_vqgan.image_sources(config)
+        message = str(raised.value)
+        assert message.startswith("data: cannot open '") and f"in {where}: " in message, message
+        assert "\n" not in message and "Build it first" in message, message
+
+
 def test_codes_of_another_vqgan_are_refused_before_training(prepared, tmp_path):
     root, tokenizer = prepared
     out = _train(root, tokenizer, tmp_path / "w", "--config.vqgan.fingerprint=some-other-vqgan")
