@@ -54,6 +54,8 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         # the groups are of the whole batch (lm_task.sequence_scales), so micro-batches may split them
         raise ValueError(f"train.loss_mode='original' averages over groups of train.loss_group_size={group} "
                          f"sequences; train.global_batch_size={config.train.global_batch_size} is no multiple of it")
+    if config.train.num_steps < 0:  # else read as 0: the epochs would decide
+        raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 0 (0 = train.num_epochs decide)")
     if config.train.loss_chunk < 0:
         raise ValueError(f"train.loss_chunk={config.train.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
     if config.init.hf_dir and config.init.workdir:
@@ -125,10 +127,14 @@ def tfds_sources(config: Any, split: str) -> tuple[dict[str, Any], str]:
 
 def _weights(config: Any, kinds: list[str]) -> dict[str, float]:
     image_group = "+".join(k for k in ("mimic", "vqa") if k in kinds)
-    weights = {image_group: config.data.image_weight} if image_group else {}
+    settings = {image_group: "image_weight"} if image_group else {}
     if "dolly" in kinds:
-        weights["dolly"] = config.data.dolly_weight
-    return weights
+        settings["dolly"] = "dolly_weight"
+    for group, key in settings.items():
+        if not config.data[key] > 0:  # the mixer would name only its groups
+            raise ValueError(f"data.{key}={config.data[key]} must be > 0 while {group} data is used (leave a "
+                             "source out with its data.*_builder='')")
+    return {group: config.data[key] for group, key in settings.items()}
 
 
 def report_dropout(config: Any) -> float:

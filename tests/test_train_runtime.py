@@ -398,6 +398,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
      "train.global_batch_size=8 is no multiple of it"),
     (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1"),
     (["--config.train.loss_chunk=-1"], "train.loss_chunk=-1 must be >= 0"),
+    (["--config.train.num_steps=-1"], "train.num_steps=-1 must be >= 0 (0 = train.num_epochs decide)"),
     (["--config.data.seq_len=256"], "data.seq_len=256 exceeds model.max_position_embeddings=128"),
     (["--config.init.from_scratch=False"], "stage 1 needs weights to start from: init.hf_dir"),
 ])
@@ -442,6 +443,17 @@ def test_an_unknown_flag_is_not_blamed_on_the_config_file(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 1 and out.stderr.startswith("error: Unknown command line flag 'workdirr'"), out.stderr
+
+
+def test_mixing_weights_come_from_the_data_settings_and_must_be_positive():
+    from llmcxr_jax import train
+
+    config = load_config("stage1", "")
+    assert train._weights(config, ["mimic", "vqa", "dolly"]) == {"mimic+vqa": 0.8, "dolly": 0.2}
+    config.data.image_weight = 0.0
+    assert train._weights(config, ["dolly"]) == {"dolly": 0.2}
+    with pytest.raises(ValueError, match=r"data.image_weight=0.0 must be > 0 while mimic data is used"):
+        train._weights(config, ["mimic", "dolly"])
 
 
 def test_none_and_numpy_numbers_pass_the_config_check():
