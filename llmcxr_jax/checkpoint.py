@@ -384,9 +384,6 @@ class TrainCheckpoints:
         return DamagedCheckpointError(f"{self.directory / str(step)}: {what}; move it aside "
                                       f"(mv {self.directory / str(step)} {self.directory}/damaged-{step}) to {way_on}")
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

@@ -138,15 +138,6 @@ def shard_count(logical_axis: str, size: int) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def per_device_bytes(tree: Any) -> int:
-    """Largest number of bytes any single device holds for the arrays of `tree` (from their shardings)."""
-    totals: dict[Any, int] = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            totals[shard.device] = totals.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
-    return max(totals.values(), default=0)
-
-
 def abstract_arrays(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s arrays placed by `shardings` (a tree like it, or one sharding for all): what
     lowering a step and an Orbax restore take, with nothing allocated."""

@@ -17,7 +17,8 @@ from flax import nnx
 
 from hf_reference import save_hf, tiny_hf_model
 from llmcxr_jax import checkpoint, config_files, lm_task, optim, parallel, trainer
-from train_helpers import ROOT, batches, load_config, mesh_of, params_of, run_steps, tensorboard, tiny_task
+from train_helpers import (ROOT, batches, load_config, mesh_of, params_of, per_device_bytes, run_steps, tensorboard,
+                           tiny_task)
 
 
 def _eval_loss(task, state, batch, mesh):
@@ -80,7 +81,7 @@ def test_fsdp_shards_params_and_moments_to_an_eighth(tmp_path):
     _, _, shardings = trainer.state_shardings(task, mesh, parallel.DEFAULT_RULES)
     state = jax.jit(lambda: nnx.state(task.create_state()), out_shardings=shardings)()
     total = parallel.total_bytes(state)
-    assert parallel.per_device_bytes(state) <= total / 8 * 1.05
+    assert per_device_bytes(state) <= total / 8 * 1.05
     param = state["model"]["layers"]["qkv_kernel"].get_value()
     moments = [x for x in jax.tree.leaves(state["optimizer"]["opt_state"]) if x.shape == param.shape]
     assert len(moments) == 2  # Adam's mu and nu follow the stacked-layer parameter's sharding

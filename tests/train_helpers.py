@@ -7,6 +7,7 @@ import glob
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -147,3 +148,12 @@ def tensorboard(workdir) -> tuple[dict[str, list[float]], list[str]]:
                     else:
                         scalars.setdefault(v.tag, []).append(v.simple_value)
     return scalars, images
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Largest number of bytes any single device holds for the arrays of `tree` (from their shardings)."""
+    totals: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
+    return max(totals.values(), default=0)
