@@ -115,8 +115,9 @@ def test_unreadable_study_date_names_the_line(tmp_path):
         reconstruct_selection(images, read_metadata_csv(meta_csv), meta_csv)
 
 
-@pytest.mark.parametrize("damage, reason", [("delete", "no_report"), ("latin-1", "undecodable_report")])
-def test_missing_or_undecodable_report_is_a_counted_skip(tmp_path, caplog, damage, reason):
+@pytest.mark.parametrize("damage, reason", [("delete", "no_report"), ("latin-1", "undecodable_report"),
+                                           ("empty", "parse_failure")])
+def test_missing_undecodable_or_empty_report_is_a_counted_skip(tmp_path, caplog, damage, reason):
     fx = write_mimic_tree(tmp_path / "m")
     before = build(fx.root, tmp_path / "before").build_counts["train"]
     kept = [i for i in fx.images if i.split == "train" and i.codes == "valid"
@@ -125,14 +126,18 @@ def test_missing_or_undecodable_report_is_a_counted_skip(tmp_path, caplog, damag
     path = report_path(fx.root / "reports", study.subject_id, study.study_id)
     if damage == "delete":
         path.unlink()
+    elif damage == "empty":
+        path.write_text(" \n")
     else:
         path.write_bytes(path.read_bytes().replace(b"EXAMINATION:", b"EXAMINATION: caf\xe9", 1))
     lost = sum(i.study == study for i in kept)
     with caplog.at_level(logging.WARNING, logger="llmcxr_jax.data.mimic_records"):
         after = build(fx.root, tmp_path / "after").build_counts["train"]
     assert after["kept"] == before["kept"] - lost and after[reason] == before[reason] + lost
-    assert after["parse_failure"] == before["parse_failure"]
+    if reason != "parse_failure":
+        assert after["parse_failure"] == before["parse_failure"]
     assert (f"{path}:2: not UTF-8 text: byte 0xe9" in caplog.text) == (damage == "latin-1")
+    assert (f"report skipped: {path} is empty" in caplog.text) == (damage == "empty")
 
 
 def test_non_utf8_csv_names_the_file_line_and_byte(tmp_path):

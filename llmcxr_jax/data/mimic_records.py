@@ -59,6 +59,9 @@ class ReportCache:
         except NotUtf8Error as err:
             log.warning("report skipped: %s", err)
             return None, "undecodable_report"
+        if not text.strip():  # counted with the reports that have no usable section, as the original did
+            log.warning("report skipped: %s is empty", path)
+            return None, "parse_failure"
         try:
             return parse_report(text, self._stage), None
         except ReportParseError:
