@@ -459,3 +459,13 @@ def test_cli_decode_writes_the_originals_jpegs_and_reports_file(tmp_path, capsys
             evaluate.main(["decode", "--results", str(tmp_path / "bad.jsonl"), "--vqgan", str(tmp_path / "vq"),
                            "--out", str(tmp_path / "out2")])
     assert not (tmp_path / "out2").exists()
+    # The results regenerated at the same path (another model): the images there would be kept beside its reports
+    (tmp_path / "r0.jsonl").write_text("".join(json.dumps(dict(r, gen_image=[5] * 256)) + "\n" for r in records[:2]))
+    with pytest.raises(SystemExit, match=r"^error: .*generated_imgs_jpg: the images of 1 ids there were decoded "
+                                         r"from other codes than these \(e.g. \['d0'\]\); use another --out"):
+        evaluate.main(["decode", "--results", str(tmp_path / "r0.jsonl"), str(tmp_path / "r1.pickle"), "--vqgan",
+                       str(tmp_path / "vq"), "--out", str(tmp_path / "out")])
+    (tmp_path / "r0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))  # as they were
+    evaluate.main(["decode", "--results", str(tmp_path / "r0.jsonl"), str(tmp_path / "r1.pickle"), "--vqgan",
+                   str(tmp_path / "vq"), "--out", str(tmp_path / "out")])
+    assert json.loads(capsys.readouterr().out)["decoded"] == 0  # resumed: nothing left to decode

@@ -6,11 +6,12 @@ CODES may be a codes directory (its VQ-GAN fingerprint must match DIR's) or the 
 `dict[id -> list[int]]` (invalid entries are dropped and counted, as the original does). Writes OUT/<id>.png
 (grayscale, lossless) or, with `--format jpg`, OUT/<id>.jpg as LLM-CXR saved them (3 channels, JPEG; SPEC §12),
 each whole or not at all; a rerun skips the ids whose file is already there, so an interrupted run resumes, and
-refuses another VQ-GAN or other codes (recorded in OUT/.decoded_from.json).
+refuses another VQ-GAN, other codes or other codes of an id already decoded (recorded in OUT/.decoded_from.json).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -36,7 +37,7 @@ def read_codes(path: Path, model: VQGAN, fingerprint: str) -> dict[str, np.ndarr
     config = model.config
     if not path.is_dir():
         codes, invalid = read_pickle(path, config.grid, config.num_codes)
-        print(f"{path}: {len(codes)} entries decoded, {len(invalid)} invalid ones skipped (wrong length or code out "
+        print(f"{path}: {len(codes)} entries read, {len(invalid)} invalid ones skipped (wrong length or code out "
               "of range)", file=sys.stderr)
         return codes
     directory = CodesDir.open(path)
@@ -59,6 +60,10 @@ def check_ids(ids: Iterable[str], source: Path) -> None:
 # Hidden beside the images: what they were decoded from, so that a resume cannot mix two sources.
 SOURCE_FILE = ".decoded_from.json"
 
+def _digest(codes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(codes, np.int32).tobytes()).hexdigest()[:16]
+
+
 # suffix -> (decoder output to uint8 pixels, PIL format)
 FORMATS = {"png": (postprocess, "PNG"), "jpg": (postprocess_original, "JPEG")}
 
@@ -67,18 +72,30 @@ def decode_to_files(model: VQGAN, codes: dict[str, np.ndarray], out: Path, batch
                     image_format: str = "png", made_from: dict[str, Any] | None = None) -> int:
     """Write OUT/<id>.<image_format> for the ids without one yet; returns how many were decoded.
 
-    `made_from` (e.g. the VQ-GAN's fingerprint and the codes' path) is recorded in OUT/SOURCE_FILE: a rerun from
-    anything else is refused, since the images already there, which it would keep, came from the first.
+    `made_from` (e.g. the VQ-GAN's fingerprint and the codes' path) is recorded in OUT/SOURCE_FILE with a digest
+    of each id's codes: a rerun from anything else, or with other codes for an id whose image is there (a results
+    file regenerated at the same path), is refused, since the images already there, which it would keep, came
+    from the first.
     """
     if image_format not in FORMATS:
         raise ValueError(f"image format {image_format!r} is not one of {sorted(FORMATS)}")
     to_pixels, pil_format = FORMATS[image_format]
     out.mkdir(parents=True, exist_ok=True)
     if made_from is not None:
+        digests = {i: _digest(c) for i, c in codes.items()}
         recorded = read_json_object(out / SOURCE_FILE, CodesError, missing_ok=True)
-        if recorded and recorded != made_from:
-            raise CodesError(f"{out}: holds images decoded from {recorded}, not from {made_from}; use another --out")
-        write_atomic(out / SOURCE_FILE, json.dumps(made_from, sort_keys=True))
+        if recorded:
+            earlier = recorded.pop("digests", {})  # absent: written before digests were recorded
+            if recorded != made_from:
+                raise CodesError(f"{out}: holds images decoded from {recorded}, not from {made_from}; use another "
+                                 "--out")
+            changed = sorted(i for i, d in digests.items()
+                             if earlier.get(i, d) != d and (out / f"{i}.{image_format}").exists())
+            if changed:
+                raise CodesError(f"{out}: the images of {len(changed)} ids there were decoded from other codes than "
+                                 f"these (e.g. {changed[:3]}); use another --out")
+            digests = {**earlier, **digests}
+        write_atomic(out / SOURCE_FILE, json.dumps({**made_from, "digests": digests}, sort_keys=True))
     decode = DataParallel(VQGAN.decode, model, batch_size)
     batch_size = decode.batch_size  # a multiple of the device count
     ids = sorted(i for i in codes if not (out / f"{i}.{image_format}").exists())
