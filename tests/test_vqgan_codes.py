@@ -15,6 +15,7 @@ import vqgan_flax
 from vqgan_flax import codes as codes_lib
 from vqgan_flax import decode as decode_cli
 from vqgan_flax import encode as encode_cli
+from vqgan_flax.atomic import TMP_SUFFIX
 from vqgan_flax.codes import CodesDir, CodesError, CodesMeta, CodesWriter
 from vqgan_flax.config import PRESETS
 from vqgan_flax.images import load_image, postprocess, preprocess
@@ -70,6 +71,22 @@ def test_writer_and_reader_roundtrip(tmp_path):
         CodesWriter(tmp_path, META).write(["a"], random_codes(1))
     with pytest.raises(KeyError, match="no codes for id 'z'"):
         reader["z"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_two_writers_on_one_directory_never_overwrite_or_duplicate(tmp_path, monkeypatch, hard_links):
+    """Both counted no shards: the second to write shard 0 stops instead of replacing the first's."""
+    if not hard_links:  # e.g. gcsfuse
+        monkeypatch.setattr(codes_lib.os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no links")))
+    first, second = CodesWriter(tmp_path, META), CodesWriter(tmp_path, META)
+    first.write(["a1", "a2"], random_codes(2))
+    with pytest.raises(CodesError, match=r"shard-00000.npz was written meanwhile: another writer is appending"):
+        second.write(["b1"], random_codes(1))
+    assert sorted(CodesDir.open(tmp_path).done_ids()) == ["a1", "a2"]
+    assert not list(tmp_path.glob(f"*{TMP_SUFFIX}"))
+    third = CodesWriter(tmp_path, META)  # one writer alone resumes
+    third.write(["b1"], random_codes(1))
+    assert sorted(CodesDir.open(tmp_path).done_ids()) == ["a1", "a2", "b1"]
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

@@ -235,10 +235,34 @@ class CodesWriter:
             np.savez(f, ids=id_array, codes=code_array)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        another = (f"another writer is appending to {self.path}: run one encode per codes directory (this one "
+                   "resumes when rerun alone)")
+        try:
+            _publish_new(tmp, target)
+        except FileExistsError:
+            tmp.unlink()
+            raise CodesError(f"{target} was written meanwhile: {another}") from None
+        except FileNotFoundError:
+            raise CodesError(f"{tmp} was removed meanwhile (a writer starting deletes leftovers): {another}") from None
         self._done.update(id_array.tolist())
         self._next += 1
         return target
+
+
+def _publish_new(tmp: Path, target: Path) -> None:
+    """Move `tmp` to `target`, which must not exist: a hard link is exclusive, so of two writers that counted the
+    same shards only one gets each name, and the other stops before its ids can appear twice. Filesystems without
+    hard links (e.g. gcsfuse) get a check before an atomic rename, which narrows the race but cannot close it."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
 
 
 def read_pickle(path: str | Path, grid: tuple[int, int],
