@@ -181,7 +181,7 @@ def preprocess(image: np.ndarray, size: int = 256, allow_upscale: bool = False) 
     short = min(width, height)
     if short < size and not allow_upscale:
         raise ImageTooSmallError(f"image is {height}x{width}: short side {short} < {size} "
-                                 "(the original refuses to upscale; pass allow_upscale=True to do it anyway)")
+                                 "(the original refuses to upscale such images too)")
     ratio = size / short
     new_h, new_w = round(ratio * height), round(ratio * width)
     pil = pil.resize((new_w, new_h), Image.Resampling.LANCZOS)
