@@ -5,6 +5,7 @@ import collections
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -277,6 +278,17 @@ def test_checkpoint_missing_and_unknown_keys(reference, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_whose_keys_carry_a_prefix_says_so_briefly(reference, tmp_path):
+    """A Net2Net checkpoint's first stage: every key behind 'first_stage_model.' (hundreds of them)."""
+    state = collections.OrderedDict((f"first_stage_model.{k}", v) for k, v in reference["state"].items())
+    ckpt, cfg = write_reference(tmp_path, TINY, state)
+    with pytest.raises(convert.ConversionError) as err:
+        convert.convert(ckpt, cfg, tmp_path / "out")
+    message = str(err.value)
+    assert re.search(r"missing keys \[('[^']+', ){10}'\.\.\. \d+ more'\]", message), message
+    assert "every key carries the prefix 'first_stage_model.'" in message and len(message) < 2000, message
+
+
 def test_checkpoint_with_unmappable_key(reference, tmp_path):
     state = collections.OrderedDict({**reference["state"], "encoder.norm_out.running_var": torch.ones(64)})
     ckpt, cfg = write_reference(tmp_path, TINY, state)
@@ -317,7 +329,8 @@ def test_yaml_not_matching_checkpoint(reference, tmp_path):
         convert.main(["--ckpt", str(reference["ckpt"]), "--config", str(wider), "--out", str(tmp_path / "out")])
     message = str(err.value)
     assert f"checkpoint {reference['ckpt']} does not match config {wider}" in message
-    assert "encoder.conv_in.weight: has (32, 3, 3, 3), config needs (64, 3, 3, 3)" in message
+    assert "decoder.mid.attn_1.q.bias: has (64,), config needs (128,)" in message  # the first ten, sorted
+    assert re.search(r"; \.\.\. \d+ more$", message), message
 
 
 class CallbackState:

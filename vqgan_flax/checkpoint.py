@@ -63,13 +63,31 @@ def check_params(params: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
               for n in sorted(set(params) & set(expected)) if tuple(params[n].shape) != tuple(expected[n])]
     problems = []
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {_some(missing)}")
     if unknown:
-        problems.append(f"unknown keys {unknown}")
+        problems.append(f"unknown keys {_some(unknown)}")
     if shapes:
-        problems.append("shape mismatches " + "; ".join(shapes))
+        problems.append("shape mismatches " + "; ".join(_some(shapes)))
+    if prefix := _common_prefix(unknown, expected):
+        problems.append(f"every key carries the prefix {prefix!r} (e.g. a Net2Net checkpoint's first stage): strip it")
     if problems:
         raise CheckpointError(f"{source}: " + ". ".join(problems))
+
+
+def _some(names: list[str], shown: int = 10) -> list[str]:
+    """The first names of a long list, and how many more (a wrong checkpoint lists hundreds)."""
+    return names if len(names) <= shown else [*names[:shown], f"... {len(names) - shown} more"]
+
+
+def _common_prefix(unknown: list[str], expected: Mapping[str, Any]) -> str | None:
+    """A prefix such that every unknown key is an expected key behind it, if there is one."""
+    if not unknown:
+        return None
+    first = unknown[0]
+    prefix = next((first[:-len(name)] for name in expected if first.endswith(name) and first != name), None)
+    if prefix and all(k.startswith(prefix) and k[len(prefix):] in expected for k in unknown):
+        return prefix
+    return None
 
 
 def build(config: VQGANConfig, params: Mapping[str, np.ndarray], *, dtype: Dtype = jnp.float32,
