@@ -89,6 +89,9 @@ def run(config: Any, workdir: str | None, mesh: jax.sharding.Mesh | None = None,
     train_iter = image_builder.make_image_iterator(train_source, global_batch_size=batch, resolution=size,
                                                    seed=config.seed)
     eval_iter_fn = None
+    if config.train.eval_every and 0 < len(eval_source) < batch:  # evaluation takes full batches only
+        print(f"data: the {len(eval_source)} evaluation images are fewer than one batch of {batch}; training "
+              "without evaluation", flush=True)
     if config.train.eval_every and len(eval_source) >= batch:
         def eval_iter_fn():
             return image_builder.make_eval_iterator(eval_source, global_batch_size=batch, resolution=size,
