@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmcxr_jax import aot, config_files, lm_task, parallel, train
+from llmcxr_jax import aot, lm_task, parallel
 from llmcxr_jax.model import GPTNeoX, GPTNeoXConfig, unstack_layers
 from shapes import LLMCXR_VOCAB, SHAPES  # noqa: E402  bench/shapes.py
 
@@ -157,6 +157,8 @@ def train_step_hlo(batch: int, seq_len: int, variant: str = "", attention: str =
     """The optimized HLO of one training step of configs/stage1.py (`variant`; "" = the 2.8B model) on a
     synthetic batch of `batch` × `seq_len`, compiled for one H100, with `attention` "cudnn_shaped"
     (`aot.cudnn_shaped_attention`) or "xla"."""
+    from llmcxr_jax import config_files, train  # ml_collections: only the train mode needs it (not on GPU hosts)
+
     config = config_files.load_config(f"stage1:{variant}")
     config.data.update(source="synthetic", seq_len=seq_len)
     config.train.update(global_batch_size=batch, num_steps=1)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Where the GPU time goes, in one call within a 7-minute budget (BUDGET_S, default 420 s; bench/steps.sh):
-# decoding with one weight buffer per layer beside transformers' generate and again with cuBLAS instead of
-# Triton gemms, the 2.8B train step at batch 8 beside the reference and at batch 16, each with the top device
-# ops of one call (bench/profile_ops.py). Every step prints its seconds.
+# the 2.8B train step at batch 8 and 16, decoding with one weight buffer per layer, and again with cuBLAS
+# instead of Triton gemms, each with the top device ops of one call (bench/profile_ops.py). Ours only: it runs
+# after bench/gpu_suite.sh, which measured the references on the same card (on 2026-11-28 the first step here,
+# decoding beside transformers, took 200 s and left no time for training). Every step prints its seconds.
 # Its 2026-11-28 run (H200) also compared the stacked and unrolled layouts, Adam mu in bf16 and
 # --xla_gpu_enable_dynamic_slice_fusion (NOTES.md); `--layout stacked` and XLA_FLAGS=... before `generate`
 # repeat those.
@@ -22,10 +23,10 @@ generate() { step "generate ${*:2}" "$1" env -C bench python generate_latency.py
 train() { step "train ${*:2}" "$1" python bench/train_throughput.py --shape "$SHAPE" --seq "$SEQ" \
   --attention "$ATTENTION" --steps 3 --repeats 2 --out "$RESULTS/train.jsonl" --profile "$RESULTS/ops.jsonl" "${@:2}"; }
 
-generate 300 --layout unstacked --ref
+train 120 --batch 8 --remat dots_no_batch
+train 100 --batch 16 --remat dots_no_batch
+generate 150 --layout unstacked
 # The per-layer matrix-vector products ran as Triton gemm fusions well under the weight-read bandwidth on the
 # H200: the same decoding with XLA's Triton gemms off (cuBLAS instead).
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" generate 120 --layout unstacked
-train 150 --batch 8 --remat dots_no_batch --ref
-train 90 --batch 16 --remat dots_no_batch
 exit 0  # each step has printed how it ended
