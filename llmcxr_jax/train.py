@@ -67,7 +67,7 @@ def check_workdir_apart(config: Any, workdir: str) -> None:
     workdir) or put checkpoints among the Hugging Face weights."""
     for key in ("workdir", "hf_dir"):
         source = config.init[key]
-        if source and Path(source).absolute().resolve() == Path(workdir).absolute().resolve():
+        if source and Path(source).resolve() == Path(workdir).resolve():
             raise ValueError(f"--workdir {workdir} is init.{key}: give stage {config.stage} a workdir of its own")
 
 
