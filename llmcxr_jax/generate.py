@@ -9,7 +9,9 @@ Prompts and post-processing are the original's (`llmcxr_jax.prompts`); sampling 
 Images are generated in a constrained mode by default: `<`, exactly the VQ-GAN grid's number of image ids
 (all other ids masked), then the forced rest of a training sequence (`>`, two newlines, `### End`);
 `image_mode="resample"` samples freely like the original and redraws rows that did not yield a full grid, at
-most `max_tries` times. A row's draws depend only on the seed and its index, not on the batch it falls into.
+most `max_tries` times. A row's random draws depend only on the seed and its index, not on the batch it falls
+into; its tokens do too in float32, while in bfloat16 (the default) the logits can round differently with the
+batch's row count, so a row's sample can change with how many inputs share its batch.
 `guidance_scale` (constrained images only, off by default, not in the original) adds classifier-free guidance
 against the same instruction with an empty report, at twice the decoding work.
 """
@@ -185,11 +187,14 @@ class Sampler:
         every_prompt = [*prompt_ids, *(twins or [])]
         if any(len(p) == 0 for p in every_prompt):
             raise ValueError("empty prompt: every prompt needs at least one token")
-        longest = max((len(p) for p in every_prompt), default=0)
-        if longest + spec.max_new_tokens > self.max_positions:
-            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {spec.max_new_tokens} exceeds the "
-                             f"model's max_position_embeddings {self.max_positions}; shorten the input or lower "
-                             "max_new_tokens")
+        worst = max(range(len(every_prompt)), key=lambda i: len(every_prompt[i]), default=0)
+        longest = len(every_prompt[worst]) if every_prompt else 0
+        if longest + spec.max_new_tokens - 1 > self.max_positions:  # the last new token is never fed back
+            which = (f"input {worst}" if worst < len(prompt_ids) else
+                     f"the unconditional prompt of input {worst - len(prompt_ids)}")
+            raise ValueError(f"{which}: a prompt of {longest} tokens + max_new_tokens {spec.max_new_tokens} - 1 "
+                             f"exceeds the model's max_position_embeddings {self.max_positions}; shorten the input "
+                             "or lower max_new_tokens")
         # Fewer prompts than batch_size decode in the next power of two of rows: few programs to compile (the
         # resampling retries and evaluation's instruction groups shrink the batch), little work on padding rows.
         bucket = 1 << max(len(prompt_ids) - 1, 0).bit_length()
@@ -500,7 +505,8 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"image paths are only for cxr2report, not {args.task}")
     texts = list(args.input)
     if args.input_file:
-        lines = open_utf8(Path(args.input_file), ValueError).read().splitlines()
+        text = open_utf8(Path(args.input_file), ValueError).read().removeprefix("\ufeff")  # a BOM (Notepad)
+        lines = [line.rstrip("\r") for line in text.split("\n")]  # splitlines() also splits at \x0c, \u2028...
         if not (given := [line for line in lines if line.strip()]):
             raise ValueError(f"--input_file {args.input_file}: no inputs in it (one per line; blank lines are skipped)")
         texts += given

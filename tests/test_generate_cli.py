@@ -97,10 +97,11 @@ def test_cli_cxr_to_report_and_instruct_write_text(dirs, tmp_path, capsys):
                                    seed=reports[0]["seed"], max_new_tokens=16)
     assert [r["output"] for r in reports] == direct.texts
     lines = tmp_path / "questions.txt"
-    lines.write_text("What is an effusion?\n\nDescribe the heart.\n")
+    # Notepad's BOM and CRLFs; a form feed inside a line is no line break (str.splitlines() made it one)
+    lines.write_bytes("\ufeffWhat is an effusion?\r\n\r\nDescribe the\x0cheart.\r\n".encode("utf-8"))
     answers = run_cli(dirs, tmp_path / "answers", "--task", "instruct", "--input_file", str(lines),
                       "--max_new_tokens", "16", "--top_k", "20", "--temperature", "0.8", "--mesh", "1,-1,1")
-    assert [r["instruction"] for r in answers] == ["What is an effusion?", "Describe the heart."]
+    assert [r["instruction"] for r in answers] == ["What is an effusion?", "Describe the\x0cheart."]
     questions = [r["instruction"] for r in answers]
 
     def direct(sampling: SamplingParams) -> list[str]:

@@ -153,6 +153,19 @@ def test_greedy_equals_transformers_generate_on_left_padded_batch(setup):
     assert len({tuple(r) for r in ref}) == len(ref)  # rows differ, so a row mix-up would show
 
 
+def test_prompt_and_new_tokens_may_fill_every_position_but_no_more(setup):
+    """The last new token is never fed back: a 1,000-token prompt leaves room for 25 new ones at 1,024 positions
+    (transformers generates them too); one more is refused before compiling, naming the input."""
+    tokenizer, directory, prompt_ids = setup
+    sampler = Sampler(load_hf_model(directory), tokenizer, batch_size=2)
+    prompts = [prompt_ids[0], [int(t) for t in np.resize(prompt_ids[1], 1000)]]
+    greedy = SamplingParams(greedy=True)
+    assert len(sampler.generate(prompts, DecodeSpec(25, greedy), seed=0).ids[1]) == 25
+    with pytest.raises(ValueError, match=r"^input 1: a prompt of 1000 tokens \+ max_new_tokens 26 - 1 exceeds the "
+                                         r"model's max_position_embeddings 1024"):
+        sampler.generate(prompts, DecodeSpec(26, greedy), seed=0)
+
+
 def test_stop_token_ends_each_row_like_transformers(setup):
     tokenizer, directory, prompt_ids = setup
     sampler = Sampler(load_hf_model(directory), tokenizer, batch_size=4)
