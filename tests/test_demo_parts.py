@@ -20,7 +20,8 @@ from vqgan_flax.codes import CodesMeta, CodesWriter
                                            "--num_train 0, --lm_batch -1: must be at least 1"),
                                           (["--out", "{file}"], "--out {file} exists and is not a directory"),
                                           (["--num_train", "3", "--num_test", "5"],
-                                           "--num_test 5 exceeds --num_train 3")])
+                                           "--num_test 5 exceeds --num_train 3"),
+                                          (["--seed", "-1"], "--seed -1: must be >= 0")])
 def test_demo_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, args, message):
     from llmcxr_jax.demo.__main__ import parse_args
 
@@ -28,6 +29,27 @@ def test_demo_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, a
     with pytest.raises(SystemExit):
         parse_args([a.replace("{file}", str(tmp_path / "file")) for a in args])
     assert message.replace("{file}", str(tmp_path / "file")) in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path):
+    """Rerunning into --out resumes its finished stages, which are only this run's if every setting is the same."""
+    from llmcxr_jax.demo.__main__ import claim_out, parse_args, settings_of
+
+    out = tmp_path / "demo_out"
+    claim_out(out, settings_of(parse_args(["--out", str(out)])))
+    claim_out(out, settings_of(parse_args(["--out", str(out)])))  # the same run again: resumed
+    with pytest.raises(SystemExit, match=r"--out \S+demo_out holds a demo run with other settings \(--seed 0 there, "
+                                         r"1 now; --stage2_steps 1700 there, 1800 now\)"):
+        claim_out(out, settings_of(parse_args(["--out", str(out), "--stage2_steps", "1800", "--seed", "1"])))
+
+
+def test_a_tokenizer_vocabulary_too_small_for_the_layout_is_the_demos_error():
+    from llmcxr_jax.demo.pipeline import train_tokenizer
+
+    texts = ["No acute cardiopulmonary process. Heart size normal."] * 10
+    with pytest.raises(SystemExit, match=r"^error: --tokenizer_vocab 260 is too small for the phantom reports"):
+        train_tokenizer(texts, 260, 64)
+    assert train_tokenizer(texts, 300, 64).text_vocab_size == 304
 
 
 def test_phantoms_as_mimic_files_build_with_the_mimic_builder(tmp_path):

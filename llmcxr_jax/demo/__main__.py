@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqgan_flax.atomic import check_output_dir
+from vqgan_flax.atomic import check_output_dir, write_atomic
 
 STEPS = 9
 
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     counts = ("num_train", "num_test", "vqgan_steps", "stage1_steps", "stage2_steps", "lm_batch", "tokenizer_vocab")
     if bad := [f"--{name} {getattr(args, name)}" for name in counts if getattr(args, name) < 1]:
         parser.error(f"{', '.join(bad)}: must be at least 1")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: must be >= 0")
     if args.num_test > args.num_train:  # the image baseline draws num_test distinct training phantoms
         parser.error(f"--num_test {args.num_test} exceeds --num_train {args.num_train}")
     try:
@@ -56,14 +58,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# The settings a run was started with, beside its artifacts.
+SETTINGS_FILE = "demo_settings.json"
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k != "out"}
+
+
+def claim_out(out: Path, settings: dict) -> None:
+    """Record the run's settings in OUT, or refuse OUT when it holds a run of other settings: the stages finished
+    there are resumed as this run's (a changed step count trained on under the old schedule or was skipped, a
+    changed phantom count reused the old datasets). A directory from before the record is taken as this run's."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if changed := [f"--{k} {recorded.get(k)} there, {v} now" for k, v in settings.items() if recorded.get(k) != v]:
+            raise SystemExit(f"error: --out {out} holds a demo run with other settings ({'; '.join(changed)}): its "
+                             "finished stages would be mixed into this run; rerun with its settings, or give another "
+                             "--out (or delete that one)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(settings, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = Path(args.out).absolute()
+    claim_out(out, settings_of(args))
     from llmcxr_jax.demo import pipeline  # imports JAX; after argument errors are out of the way
 
-    out = Path(args.out).absolute()
     progress = Progress()
     results = pipeline.run(args, out, progress)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_plain))
+    (out / "metrics.json").write_text(json.dumps({"settings": settings_of(args), **results}, indent=2,
+                                                 default=_plain))
     print(f"\ndemo finished in {time.time() - progress.start:.0f}s: open {out / 'index.html'}", flush=True)
 
 

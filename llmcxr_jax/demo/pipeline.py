@@ -22,6 +22,18 @@ BASELINE_DRAWS = 10  # random baselines are averaged over this many draws (one d
 GUIDANCE_SCALE = 4.0
 
 
+
+def train_tokenizer(texts: list[str], vocab_size: int, num_codes: int) -> Any:
+    """The demo's BPE; a `--tokenizer_vocab` too small for LLM-CXR's layout is the demo's error, not a traceback."""
+    from llmcxr_jax.tokenizer import LlmCxrTokenizer, TokenizerLayoutError
+
+    try:
+        return LlmCxrTokenizer.train_small(texts, vocab_size=vocab_size, num_image_codes=num_codes)
+    except TokenizerLayoutError as err:  # too few merges, e.g. for 'image' as one token
+        raise SystemExit(f"error: --tokenizer_vocab {vocab_size} is too small for the phantom reports (the default "
+                         f"1000 works): {err}") from None
+
+
 def run(args: argparse.Namespace, out: Path, progress: Any) -> dict[str, Any]:
     vq_config = config_files.load_config("vqgan:demo")
     size = vq_config.model.resolution
@@ -52,11 +64,9 @@ def run(args: argparse.Namespace, out: Path, progress: Any) -> dict[str, Any]:
     builders = _build_datasets(out, grid, num_codes)
 
     progress.stage("tokenizer: a small BPE with LLM-CXR's token layout, trained on the phantom reports")
-    from llmcxr_jax.tokenizer import LlmCxrTokenizer
-
     texts = [c.report for c in train_cases] + list(prompts.CXR_VQ_INPUT_INSTRUCTION_LIST) + \
         list(prompts.CXR_VQ_OUTPUT_INSTRUCTION_LIST) + [prompts.PROMPT_WITH_INPUT_FORMAT]
-    tokenizer = LlmCxrTokenizer.train_small(texts, vocab_size=args.tokenizer_vocab, num_image_codes=num_codes)
+    tokenizer = train_tokenizer(texts, args.tokenizer_vocab, num_codes)
     tokenizer.save(out / "tokenizer")
 
     common = dict(data_dir=str(out / "tfds"), tokenizer=str(out / "tokenizer"), vocab=tokenizer.vocab_size,
